@@ -1,0 +1,30 @@
+# One-command setup: `make demo` and `make test` create .venv and install what they need.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.visiontune-installed
+DEMO_OUT ?= demo-run
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+
+.PHONY: install demo test bench-quick clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[test,lite12]' 2>&1 | { grep -v 'is ignored: it is neither' || true; }
+	$(BIN)/python -c "import torch, torchvision, timm, visiontune" 
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/visiontune classify train --data examples/hymenoptera_sample --out $(DEMO_OUT) --overwrite --seed 0
+
+test: install
+	$(BIN)/python -m pytest -q -ra
+
+bench-quick: install
+	$(BIN)/python bench/classify.py --quick
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache

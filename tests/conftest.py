@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny synthetic image folders, and the shared datasets (required under CI=true)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "datasets"
+
+
+def shared_dataset(name: str) -> Path:
+    """Path to ../shared/datasets/NAME; skip without it, fail under CI=true."""
+    path = SHARED / name
+    if not path.is_dir():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but the shared dataset {path} is missing")
+        pytest.skip(f"shared dataset {path} not present on this machine")
+    return path
+
+
+@pytest.fixture
+def hymenoptera() -> Path:
+    return shared_dataset("hymenoptera_data")
+
+
+@pytest.fixture
+def pennfudan() -> Path:
+    return shared_dataset("PennFudanPed")
+
+
+def make_image(path: Path, color: tuple[int, int, int], size=(48, 40), seed: int = 0, mode: str = "RGB") -> Path:
+    """A noisy image dominated by ``color``: easy for any classifier to separate by class."""
+    rng = np.random.default_rng(seed)
+    a = np.clip(np.array(color, dtype=np.float32) + rng.normal(0, 25, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(a, "RGB").convert(mode).save(path)
+    return path
+
+
+def make_class_folders(root: Path, classes=("red", "blue"), per_class: int = 6, splits=("train", "val")) -> Path:
+    colors = {"red": (220, 40, 40), "blue": (40, 40, 220), "green": (40, 200, 40)}
+    for split in splits:
+        for c in classes:
+            for i in range(per_class):
+                make_image(root / split / c / f"{c}_{i}.png", colors.get(c, (128, 128, 128)), seed=hash((split, c, i)) % 1000)
+    return root
+
+
+@pytest.fixture
+def tiny_folders(tmp_path: Path) -> Path:
+    return make_class_folders(tmp_path / "data")

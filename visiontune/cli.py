@@ -1,0 +1,185 @@
+"""Command line: ``visiontune classify|detect train|eval|predict``, ``visiontune export``.
+
+Settings come from the config dataclasses' defaults, then ``--config FILE.yaml``, then flags (flags win).
+A user's mistake prints one line and exits 2; it never shows a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+
+from .config import ClassifyConfig, DetectConfig, from_dict, load_yaml
+from .errors import UserError
+
+HELP_NOTES = {
+    "strategy": "full: all weights train; partial: first stages frozen; linear: frozen base, new head only; "
+                "staged: head first, then all with a lower base LR; auto: chosen from the data",
+    "recipe": "default (ours) or tutorial (the PyTorch tutorial exactly: batch 4, SGD 1e-3, StepLR(7), 25 epochs)",
+    "weights": "pretrained weights file (.safetensors or .pth state dict); 'none' for random init; default: embedded/cache/download",
+    "head": "linear, mlp (trained), or logreg, svm, knn (scikit-learn on cached features; --strategy linear)",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2
+        raise UserError(f"{self.prog}: {message}")
+
+
+def _add_config_args(p: argparse.ArgumentParser, cls, skip: set[str] = frozenset(), positional: tuple[str, ...] = ()) -> None:
+    """One flag per config field, documented with its default; flags left out do not appear in the namespace."""
+    p.add_argument("--config", metavar="FILE.yaml", default=argparse.SUPPRESS, help="read settings from a YAML file; flags override it")
+    for f in dataclasses.fields(cls):
+        if f.name in skip or f.name in positional:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        note = HELP_NOTES.get(f.name, "")
+        default = f.default
+        help_text = f"{note} (default: {default})" if note else f"(default: {default})"
+        if f.type in ("bool", bool):
+            p.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=help_text)
+        else:
+            typ = {"int": int, "float": float, "int | None": int, "float | None": float}.get(str(f.type), str)
+            p.add_argument(flag, type=typ, default=argparse.SUPPRESS, metavar=f.name.upper(), help=help_text)
+
+
+def _config_from(args: argparse.Namespace, cls):
+    values = {}
+    if getattr(args, "config", None):
+        values.update(load_yaml(args.config))
+    names = {f.name for f in dataclasses.fields(cls)}
+    values.update({k: v for k, v in vars(args).items() if k in names})
+    return from_dict(cls, values)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="visiontune", description="Fine-tune pretrained vision models on your own images.")
+    parser.add_argument("--verbose", action="store_true", help="debug logging (and tracebacks)")
+    tasks = parser.add_subparsers(dest="task", required=True, parser_class=_Parser)
+
+    classify = tasks.add_parser("classify", help="image classification by transfer learning")
+    csub = classify.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    t = csub.add_parser("train", help="fine-tune a classifier on class folders")
+    _add_config_args(t, ClassifyConfig)
+    t.add_argument("--resume", action="store_true", default=argparse.SUPPRESS, help="continue the run in --out from its last checkpoint")
+    t.set_defaults(func=_classify_train)
+    e = csub.add_parser("eval", help="accuracy, per-class metrics and confusion matrix of a trained run")
+    e.add_argument("run", help="run directory or model.safetensors")
+    e.add_argument("--data", required=True, help="class folders (or a DIR with val/)")
+    e.add_argument("--skip-bad", action="store_true", help="skip unreadable images instead of stopping")
+    e.set_defaults(func=_classify_eval)
+    pr = csub.add_parser("predict", help="top-k labels for images, one JSON line each")
+    pr.add_argument("run", help="run directory, model.safetensors, or an exported .onnx file")
+    pr.add_argument("inputs", nargs="+", help="image files or folders")
+    pr.add_argument("--topk", type=int, default=3, help="labels per image (default: 3)")
+    pr.set_defaults(func=_classify_predict)
+    cmp_ = csub.add_parser("compare", help="train every strategy under the same budget; table and plot")
+    _add_config_args(cmp_, ClassifyConfig, skip={"strategy"})
+    cmp_.set_defaults(func=_classify_compare)
+
+    detect = tasks.add_parser("detect", help="object detection and instance segmentation (Mask/Faster R-CNN)")
+    dsub = detect.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    dt = dsub.add_parser("train", help="fine-tune a detector")
+    _add_config_args(dt, DetectConfig)
+    dt.add_argument("--resume", action="store_true", default=argparse.SUPPRESS, help="continue the run in --out from its last checkpoint")
+    dt.set_defaults(func=_detect_train)
+    de = dsub.add_parser("eval", help="COCO bbox/segm AP of a trained run")
+    de.add_argument("run")
+    de.add_argument("--data", required=True)
+    de.add_argument("--format", default=None, help="pennfudan or coco (default: the run's)")
+    de.add_argument("--annotations", default=None, help="COCO JSON for --format coco")
+    de.set_defaults(func=_detect_eval)
+    dp = dsub.add_parser("predict", help="COCO-results JSON and rendered PNGs")
+    dp.add_argument("run")
+    dp.add_argument("inputs", nargs="+")
+    dp.add_argument("--score-threshold", type=float, default=0.5, help="(default: 0.5)")
+    dp.add_argument("--output", default=None, help="folder for predictions.json and PNGs (default: RUN/predict)")
+    dp.set_defaults(func=_detect_predict)
+
+    ex = tasks.add_parser("export", help="export a trained model to ONNX or TorchScript")
+    ex.add_argument("run")
+    ex.add_argument("--format", choices=("onnx", "torchscript"), default="onnx", help="(default: onnx)")
+    ex.add_argument("--output", required=True, help="output file")
+    ex.set_defaults(func=_export)
+    return parser
+
+
+def _classify_train(args):
+    from .engine.train import fit
+
+    cfg = _config_from(args, ClassifyConfig)
+    fit(cfg, resume=getattr(args, "resume", False))
+
+
+def _classify_eval(args):
+    from .inference import evaluate
+
+    m = evaluate(args.run, args.data, skip_bad=args.skip_bad)
+    print(f"accuracy {m['accuracy']:.4f} on {sum(v['support'] for v in m['per_class'].values())} images", file=sys.stderr)
+    for name, v in m["per_class"].items():
+        print(f"  {name:<20} precision {v['precision']:.3f}  recall {v['recall']:.3f}  f1 {v['f1']:.3f}  n={v['support']}", file=sys.stderr)
+    print(json.dumps(m))
+
+
+def _classify_predict(args):
+    if args.topk < 1:
+        raise UserError("--topk: must be at least 1")
+    if str(args.run).endswith(".onnx"):
+        from .export import predict_onnx as run_predict
+    else:
+        from .inference import predict as run_predict
+    for r in run_predict(args.run, args.inputs, topk=args.topk):
+        print(json.dumps(r))
+
+
+def _classify_compare(args):
+    from .compare import compare
+
+    compare(_config_from(args, ClassifyConfig))
+
+
+def _detect_train(args):
+    from .engine.detection import fit
+
+    fit(_config_from(args, DetectConfig), resume=getattr(args, "resume", False))
+
+
+def _detect_eval(args):
+    from .engine.detection import evaluate_run
+
+    print(json.dumps(evaluate_run(args.run, args.data, fmt=args.format, annotations=args.annotations)))
+
+
+def _detect_predict(args):
+    from .engine.detection import predict_run
+
+    predict_run(args.run, args.inputs, score_threshold=args.score_threshold, output=args.output)
+
+
+def _export(args):
+    from .export import export
+
+    export(args.run, args.format, args.output)
+
+
+def main(argv: list[str] | None = None) -> int:
+    verbose = "--verbose" in (argv if argv is not None else sys.argv[1:])
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="visiontune: %(levelname)s: %(message)s")
+    try:
+        args = build_parser().parse_args(argv)
+        args.func(args)
+    except UserError as e:
+        if verbose:
+            raise
+        print(f"visiontune: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("visiontune: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Datasets: image folders for classification, Penn-Fudan and COCO for detection."""

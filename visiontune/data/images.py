@@ -1,0 +1,73 @@
+"""Reading one image safely: every mode to RGB, EXIF rotation applied, bad files named."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ..errors import UserError
+
+# Images above this many pixels are refused (decompression bombs); 8k x 8k is plenty for fine-tuning.
+MAX_PIXELS = 64_000_000
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+class BadImage(UserError):
+    """An image file that cannot be used; carries the path."""
+
+    def __init__(self, path: Path | str, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = str(path)
+
+
+def is_image_file(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Open an image as 8-bit RGB: grayscale, 16-bit, palette, RGBA, CMYK and EXIF-rotated files all work."""
+    p = Path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(p) as im:
+                w, h = im.size
+                if w * h > MAX_PIXELS:
+                    raise BadImage(p, f"image is {w}x{h} pixels, more than the {MAX_PIXELS:,} allowed (decompression bomb?)")
+                im.load()
+                im = ImageOps.exif_transpose(im)
+                return to_rgb(im)
+    except BadImage:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise BadImage(p, "image is too large (decompression bomb?)") from None
+    except UnidentifiedImageError:
+        raise BadImage(p, "not an image PIL can read (wrong extension or corrupt)") from None
+    except IsADirectoryError:
+        raise BadImage(p, "is a directory, expected an image file") from None
+    except PermissionError:
+        raise BadImage(p, "permission denied") from None
+    except FileNotFoundError:
+        raise BadImage(p, "no such file") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise BadImage(p, f"corrupt or truncated image ({str(e).splitlines()[0][:120]})") from None
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode == "RGB":
+        return im
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        hi = a.max() if a.size else 0
+        scale = 255.0 / (65535.0 if hi > 255 else 255.0) if im.mode != "F" else 255.0 / max(float(hi), 1e-12)
+        return Image.fromarray(np.clip(a * scale, 0, 255).astype(np.uint8), "L").convert("RGB")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA"):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return im.convert("RGB")

@@ -1,0 +1,1 @@
+"""Models: backbones (registry), classifier (backbone + head), detection (Mask/Faster R-CNN), weights."""

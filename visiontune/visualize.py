@@ -1,0 +1,76 @@
+"""Pictures of what a model predicts: prediction grids (mistakes marked), confusion matrices, curves."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+
+def denormalize(x: torch.Tensor, mean, std) -> torch.Tensor:
+    """A normalized CHW tensor back to an HWC image in [0, 1]."""
+    m = torch.tensor(mean).view(3, 1, 1)
+    s = torch.tensor(std).view(3, 1, 1)
+    return (x * s + m).clamp(0, 1).permute(1, 2, 0)
+
+
+def prediction_grid_png(path: Path, dataset, logits: torch.Tensor, labels: torch.Tensor, classes: list[str], preprocessing: dict,
+                        max_images: int = 16) -> None:
+    """Validation images with predicted and true labels; mistakes first, in red (the tutorial's visualize_model)."""
+    probs = logits.softmax(1)
+    pred = probs.argmax(1)
+    wrong = (pred != labels).nonzero().flatten().tolist()
+    right = (pred == labels).nonzero().flatten().tolist()
+    order = (wrong + right)[:max_images]
+    cols = 4
+    rows = max(1, (len(order) + cols - 1) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 3, rows * 3.2), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, order):
+        x, _ = dataset[i]
+        ax.imshow(denormalize(x, preprocessing["mean"], preprocessing["std"]).numpy())
+        ok = pred[i] == labels[i]
+        ax.set_title(f"pred: {classes[pred[i]]} ({probs[i, pred[i]]:.2f})\ntrue: {classes[labels[i]]}" + ("" if ok else "  ✗"),
+                     color="green" if ok else "red", fontsize=9)
+    fig.suptitle(f"validation predictions: {len(wrong)} mistake(s) of {len(labels)}", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def confusion_matrix_png(path: Path, confusion: list[list[int]], classes: list[str]) -> None:
+    n = len(classes)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * n, 1.0 + 0.6 * n))
+    im = ax.imshow(confusion, cmap="Blues")
+    ax.set_xticks(range(n), classes, rotation=45, ha="right")
+    ax.set_yticks(range(n), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    top = max(max(r) for r in confusion) if confusion else 0
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, str(confusion[i][j]), ha="center", va="center", color="white" if confusion[i][j] > top / 2 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def curves_png(path: Path, history: list[dict], keys: tuple[str, ...] = ("train_loss", "val_loss", "val_accuracy")) -> None:
+    """Per-epoch curves from a run's log."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    epochs = [h["epoch"] for h in history]
+    for k in keys:
+        ys = [h.get(k) for h in history]
+        if any(y is not None for y in ys):
+            ax.plot(epochs, [float("nan") if y is None else y for y in ys], marker="o", label=k)
+    ax.set_xlabel("epoch")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
