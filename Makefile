@@ -7,7 +7,7 @@ DEMO_OUT ?= demo-run
 SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -c
 
-.PHONY: install demo test bench-quick clean
+.PHONY: install browser demo test bench-quick clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,7 +20,12 @@ install: $(STAMP)
 demo: install
 	$(BIN)/visiontune classify train --data examples/hymenoptera_sample --out $(DEMO_OUT) --overwrite --seed 0
 
-test: install
+# The report test renders RUN/report.html in headless Chromium (Debian packages; CI runs as root).
+browser:
+	@test -x /usr/bin/chromium || [ "$$(id -u)" = 0 ] || echo "note: not root, cannot apt-get install chromium; the report's browser test will be skipped"
+	test -x /usr/bin/chromium || [ "$$(id -u)" != 0 ] || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium chromium-driver; }
+
+test: install browser
 	$(BIN)/python -m pytest -q -ra
 
 bench-quick: install
