@@ -20,6 +20,9 @@ HELP_NOTES = {
     "recipe": "default (ours) or tutorial (the PyTorch tutorial exactly: batch 4, SGD 1e-3, StepLR(7), 25 epochs)",
     "weights": "pretrained weights file (.safetensors or .pth state dict); 'none' for random init; default: embedded/cache/download",
     "head": "linear, mlp (trained), or logreg, svm, knn (scikit-learn on cached features; --strategy linear)",
+    "batch_size": "the global batch: under torchrun each of N processes takes batch-size/N images per step "
+                  "(it must divide evenly), so a run learns the same on 1 process or N",
+    "sync_bn": "under torchrun on CUDA: the trainable BatchNorm layers use statistics of the global batch (SyncBatchNorm)",
 }
 
 

@@ -45,6 +45,7 @@ class ClassifyConfig:
     quiet: bool = False
     tensorboard: bool = False
     overwrite: bool = False
+    sync_bn: bool = False  # under torchrun on CUDA: BatchNorm statistics over the global batch
 
     def validate(self) -> "ClassifyConfig":
         if self.strategy not in STRATEGIES:
@@ -99,6 +100,7 @@ class DetectConfig:
     quiet: bool = False
     overwrite: bool = False
     checkpoint_every: int = 0
+    sync_bn: bool = False  # under torchrun on CUDA: BatchNorm statistics over the global batch
 
     def validate(self) -> "DetectConfig":
         if self.format not in ("pennfudan", "coco"):

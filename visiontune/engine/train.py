@@ -27,6 +27,7 @@ from ..errors import UserError
 from ..models.backbones import build_backbone
 from ..models.classifier import Classifier
 from ..runs import append_jsonl, check_out_dir, create_out_dir, write_json
+from . import distributed
 from .evaluate import classification_metrics, predict_logits
 from .features import extract, fit_sklearn_head
 from .recipes import Recipe, recipe_for
@@ -113,11 +114,16 @@ def make_scheduler(optimizer, recipe: Recipe, phases, steps_per_epoch: int, epoc
 # --------------------------------------------------------------------------------------------- the loop
 
 def epoch_loader(dataset, batch_size: int, seed: int, epoch: int, workers: int) -> DataLoader:
-    """Shuffled in an order that depends only on (seed, epoch), so a resumed run sees the same batches."""
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    drop_last = len(dataset) % batch_size == 1  # a batch of one breaks BatchNorm in train mode
-    return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=g, drop_last=drop_last,
-                      num_workers=workers, persistent_workers=False)
+    """Shuffled in an order that depends only on (seed, epoch), so a resumed run sees the same batches.
+
+    Under torchrun each process takes its share of that order and of the global ``batch_size``; each image's
+    augmentation is seeded by (seed, epoch, index), so N processes see the batches of one (distributed.py).
+    """
+    sampler = distributed.epoch_sampler(dataset, seed * 100_003, epoch)
+    per_process = distributed.per_process_batch(batch_size)
+    drop_last = sampler.num_samples % per_process == 1  # a batch of one breaks BatchNorm in train mode
+    return DataLoader(distributed.SeededPerSample(dataset, seed, epoch), batch_size=per_process, sampler=sampler,
+                      drop_last=drop_last, num_workers=workers, persistent_workers=False)
 
 
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer, scheduler, loss_fn, device: torch.device,
@@ -195,7 +201,9 @@ def fit(cfg: ClassifyConfig, resume: bool = False) -> dict:
 
         cfg = replace(cfg, strategy=choose_strategy(cfg).strategy)
     cfg, recipe = resolve_settings(cfg)
-    progress = not cfg.quiet
+    device = distributed.init(select_device(cfg.device))
+    distributed.per_process_batch(cfg.batch_size)
+    progress = not cfg.quiet and distributed.is_main()
     seed_everything(cfg.seed)
 
     # data
@@ -211,15 +219,18 @@ def fit(cfg: ClassifyConfig, resume: bool = False) -> dict:
     val_imgs, val_labels, bad_val = decode_all(val_s, resize, cfg.skip_bad)
     train_ds = DecodedImages(train_imgs, train_labels, classification_train(size, prep.mean, prep.std, recipe.crop_scale_min))
     val_ds = DecodedImages(val_imgs, val_labels, classification_eval(size, resize, prep.mean, prep.std))
-    val_loader = DataLoader(val_ds, batch_size=64, shuffle=False, num_workers=cfg.workers)
+    val_loader = DataLoader(distributed.shard(val_ds), batch_size=64, shuffle=False, num_workers=cfg.workers)
 
     # run directory: only now, with the inputs known good
-    create_out_dir(out, cfg.overwrite, resume)
-    if not resume:
-        dump_yaml(cfg, out / "config.yaml")
-        (out / "log.jsonl").unlink(missing_ok=True)
-    device = select_device(cfg.device)
+    distributed.barrier()  # every process has checked --out before rank 0 changes it
+    if distributed.is_main():
+        create_out_dir(out, cfg.overwrite, resume)
+        if not resume:
+            dump_yaml(cfg, out / "config.yaml")
+            (out / "log.jsonl").unlink(missing_ok=True)
     model.to(device).to(memory_format=torch.channels_last)
+    if cfg.sync_bn:
+        model = distributed.sync_batchnorm(model, device)
     classes = train_s.classes
     meta = {
         "task": "classification", "model": backbone.name, "classes": classes, "head": cfg.head, "num_features": backbone.num_features,
@@ -236,6 +247,8 @@ def fit(cfg: ClassifyConfig, resume: bool = False) -> dict:
                  "val_accuracy": m["accuracy"], "lr": train_stats.get("lr"),
                  "elapsed_seconds": state["elapsed_before"] + time.perf_counter() - state["start"]}
         state["history"].append(entry)
+        if not distributed.is_main():  # rank 0 alone logs and saves
+            return
         append_jsonl(out / "log.jsonl", entry)
         if m["accuracy"] > state["best"]:
             state["best"], state["best_epoch"] = m["accuracy"], epoch + 1
@@ -249,8 +262,8 @@ def fit(cfg: ClassifyConfig, resume: bool = False) -> dict:
     cached_head_phase = recipe.use_feature_cache and phases[0].frozen == (strategies.WHOLE_BACKBONE,)
     if cached_head_phase and not resume:
         strategies.apply(model, phases[0])
-        tr = extract(model.backbone, train_ds, cfg.views, seed=cfg.seed, desc="features (train)", progress=progress)
-        va = extract(model.backbone, val_ds, 1, desc="features (val)", progress=progress)
+        tr = distributed.computed_on_main(lambda: extract(model.backbone, train_ds, cfg.views, seed=cfg.seed, desc="features (train)", progress=progress))
+        va = distributed.computed_on_main(lambda: extract(model.backbone, val_ds, 1, desc="features (val)", progress=progress))
         if cfg.strategy == "linear":
             train_head_on_features(model, cfg, recipe, tr, va, cfg.epochs, cfg.lr,
                                    lambda p, stats, logits: record(p, "linear (cached features)", stats, logits))
@@ -270,6 +283,7 @@ def fit(cfg: ClassifyConfig, resume: bool = False) -> dict:
     scheduler = make_scheduler(optimizer, recipe, phases, steps_per_epoch, cfg.epochs)
     if resume:
         saved_meta = ckpt.load_training_state(out / "last.safetensors", model, optimizer, scheduler)
+        distributed.check_resume(saved_meta, out / "last.safetensors")
         first_epoch = saved_meta["epoch"]
         state.update(best=saved_meta["best"], best_epoch=saved_meta["best_epoch"], history=saved_meta["history"],
                      elapsed_before=saved_meta["elapsed_seconds"])
@@ -286,16 +300,21 @@ def fit(cfg: ClassifyConfig, resume: bool = False) -> dict:
         phase = strategies.phase_at(phases, epoch)
         strategies.apply(model, phase)
         torch.manual_seed(cfg.seed * 100_003 + epoch)  # augmentation draws: a function of (seed, epoch) alone
-        stats = train_one_epoch(model, epoch_loader(train_ds, cfg.batch_size, cfg.seed, epoch, cfg.workers), optimizer,
+        stats = train_one_epoch(distributed.for_training(model, device), epoch_loader(train_ds, cfg.batch_size, cfg.seed, epoch, cfg.workers), optimizer,
                                 scheduler, loss_fn, device, epoch, progress)
+        stats = distributed.reduce_stats(stats)
         stats["lr"] = optimizer.param_groups[1]["lr"]
-        logits, _ = predict_logits(model, val_loader)
+        distributed.broadcast_buffers(model)  # validate rank 0's model, one shard per process
+        logits = distributed.gather_cat(predict_logits(model, val_loader)[0])
         record(epoch, phase.name, stats, logits)
-        ckpt.save_training_state(out / "last.safetensors", model, optimizer, scheduler, {
-            "epoch": epoch + 1, "best": state["best"], "best_epoch": state["best_epoch"], "history": state["history"],
-            "elapsed_seconds": state["elapsed_before"] + time.perf_counter() - state["start"]})
+        if distributed.is_main():
+            ckpt.save_training_state(out / "last.safetensors", model, optimizer, scheduler, {
+                "epoch": epoch + 1, "best": state["best"], "best_epoch": state["best_epoch"], "history": state["history"],
+                "elapsed_seconds": state["elapsed_before"] + time.perf_counter() - state["start"],
+                "world_size": distributed.world_size()})
 
-    return finish(out, cfg, model, meta, state, val_ds, classes, bad_train + bad_val, train_s.skipped)
+    metrics = finish(out, cfg, model, meta, state, val_ds, classes, bad_train + bad_val, train_s.skipped) if distributed.is_main() else None
+    return distributed.broadcast_object(metrics)
 
 
 def finish(out: Path, cfg: ClassifyConfig, model: Classifier, meta: dict, state: dict, val_ds, classes, bad, skipped) -> dict:
