@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import UserError
+from .faults import fault_point
 
 FORMAT = "visiontune/1"
 META_KEY = "visiontune"
@@ -45,6 +46,7 @@ def atomic_write(path: str | Path, write) -> None:
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        fault_point("write", f"write-{path.name.split('.')[0]}", before_kill=lambda: os.truncate(tmp, os.path.getsize(tmp) // 2))
         os.replace(tmp, path)
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
@@ -153,12 +155,40 @@ def load_training_state(path: str | Path, model: torch.nn.Module, optimizer: tor
     tensors, meta = _load(path)
     if meta.get("kind") != "training_state":
         raise UserError(f"{path}: not a training checkpoint")
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model/")})
     opt_sd = _unflatten_optimizer(tensors, meta["optimizer"])
     if len(opt_sd["param_groups"]) != len(optimizer.param_groups):
         raise UserError(f"{path}: the checkpoint has {len(opt_sd['param_groups'])} parameter groups, this run {len(optimizer.param_groups)}; resume with the same settings")
-    optimizer.load_state_dict(opt_sd)
+    try:
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model/")})
+        optimizer.load_state_dict(opt_sd)
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise UserError(f"{path}: does not fit this run's model or optimizer ({str(e).strip().splitlines()[0][:160]}); resume with the same settings") from None
     if scheduler is not None and meta.get("scheduler") is not None:
         scheduler.load_state_dict(meta["scheduler"])
     set_rng_state(tensors, meta["rng"])
     return meta
+
+
+def resume_loader(loader, batches_done: int):
+    """``loader`` without its first ``batches_done`` batches, for resuming in the middle of an epoch.
+
+    The skipped images are never loaded, and making this loader's iterator draws nothing from torch's global
+    RNG (it has its own generator), so the RNG state restored from the checkpoint continues exactly.
+    """
+    from itertools import islice
+
+    from torch.utils.data import DataLoader
+
+    class Skipping(torch.utils.data.Sampler):
+        def __init__(self, sampler, n):
+            self.sampler, self.n = sampler, n
+
+        def __iter__(self):
+            return islice(iter(self.sampler), self.n, None)
+
+        def __len__(self):
+            return max(0, len(self.sampler) - self.n)
+
+    return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=Skipping(loader.sampler, batches_done * loader.batch_size),
+                      drop_last=loader.drop_last, collate_fn=loader.collate_fn, num_workers=loader.num_workers,
+                      pin_memory=loader.pin_memory, worker_init_fn=loader.worker_init_fn, generator=torch.Generator())

@@ -48,13 +48,39 @@ def _add_config_args(p: argparse.ArgumentParser, cls, skip: set[str] = frozenset
             p.add_argument(flag, type=typ, default=argparse.SUPPRESS, metavar=f.name.upper(), help=help_text)
 
 
-def _config_from(args: argparse.Namespace, cls):
+def _settings(args: argparse.Namespace, cls) -> dict:
+    """The settings the user gave: ``--config`` file values (type-checked), then flags."""
     values = {}
     if getattr(args, "config", None):
-        values.update(load_yaml(args.config))
+        values.update(_checked_types(load_yaml(args.config), cls, args.config))
     names = {f.name for f in dataclasses.fields(cls)}
     values.update({k: v for k, v in vars(args).items() if k in names})
-    return from_dict(cls, values)
+    return values
+
+
+def _config_from(args: argparse.Namespace, cls):
+    return from_dict(cls, _settings(args, cls))
+
+
+def _checked_types(values: dict, cls, source: str) -> dict:
+    """YAML gives any type: a setting must have its field's (int, float, bool or text; null where optional)."""
+    types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+    out = {}
+    for k, v in values.items():
+        t = types.get(k)
+        if t is None:  # unknown keys are named by from_dict
+            out[k] = v
+            continue
+        base = t.replace(" | None", "")
+        ok = ((v is None and t.endswith("| None")) or (base == "bool" and isinstance(v, bool))
+              or (base == "int" and isinstance(v, int) and not isinstance(v, bool))
+              or (base == "float" and isinstance(v, (int, float)) and not isinstance(v, bool))
+              or (base == "str" and isinstance(v, (str, int, float)) and not isinstance(v, bool)))
+        if not ok:
+            want = {"bool": "true or false", "int": "a whole number", "float": "a number", "str": "text"}.get(base, base)
+            raise UserError(f"--config {source}: {k}: expected {want}, got {v!r}")
+        out[k] = str(v) if base == "str" and v is not None else float(v) if base == "float" and v is not None else v
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,8 +138,15 @@ def build_parser() -> argparse.ArgumentParser:
 def _classify_train(args):
     from .engine.train import fit
 
-    cfg = _config_from(args, ClassifyConfig)
-    fit(cfg, resume=getattr(args, "resume", False))
+    resume = getattr(args, "resume", False)
+    given = _settings(args, ClassifyConfig)
+    if resume:  # a flag given on the command line must agree with the run, even one equal to the default
+        from .runs import check_same_settings, saved_settings
+
+        if not given.get("out"):
+            raise UserError("--resume: pass --out RUN, the run to continue")
+        check_same_settings(saved_settings(given["out"]), given, given["out"])
+    fit(from_dict(ClassifyConfig, given), resume=resume)
 
 
 def _classify_eval(args):
@@ -176,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         if verbose:
             raise
-        print(f"visiontune: error: {e}", file=sys.stderr)
+        print(f"visiontune: {'interrupted' if e.exit_code == 130 else 'error'}: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("visiontune: interrupted", file=sys.stderr)

@@ -1,15 +1,24 @@
-"""The run directory: refuse to clobber an earlier run, check it is writable before any training."""
+"""The run directory: refuse to clobber an earlier run, check it is writable before any training; resume and Ctrl-C.
+
+Task-independent: classification and detection runs share these helpers.
+"""
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import signal
+import sys
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from .checkpoint import atomic_write_text
 from .errors import UserError
 
 MARKER = "config.yaml"
+# Settings a resumed run may change: they do not change what is computed.
+MAY_CHANGE_ON_RESUME = frozenset({"out", "quiet", "overwrite", "device", "checkpoint_every", "tensorboard", "cache_dir"})
 
 
 def check_out_dir(out: str | Path, overwrite: bool, resume: bool = False) -> Path:
@@ -20,14 +29,17 @@ def check_out_dir(out: str | Path, overwrite: bool, resume: bool = False) -> Pat
     if out.exists() and not out.is_dir():
         raise UserError(f"--out: {out} exists and is not a directory")
     if resume:
-        if not (out / "last.safetensors").is_file():
-            raise UserError(f"--resume: {out} has no last.safetensors to resume from")
-        return out
-    if out.exists() and any(out.iterdir()) and not overwrite:
+        if not (out / MARKER).is_file():
+            raise UserError(f"--resume: {out} is not a visiontune run (no {MARKER}); nothing to resume")
+    elif out.exists() and any(out.iterdir()) and not overwrite:
         raise UserError(f"--out: {out} already exists; pass --overwrite to replace it, or --resume to continue it")
     parent = out if out.exists() else _existing_parent(out)
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"--out: {parent} is not writable")
+    try:  # os.access says yes to root on a read-only disk: try a real file, removed at once
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=".visiontune-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"--out: cannot write in {parent} ({e.strerror})") from None
     return out
 
 
@@ -45,6 +57,8 @@ def create_out_dir(out: Path, overwrite: bool, resume: bool = False) -> Path:
             shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
     try:
         out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob(".*.tmp"):  # left by a process killed while writing (see checkpoint.atomic_write)
+            stale.unlink()
         probe = out / ".write-test"
         probe.write_bytes(b"\0" * 1024 * 1024)  # a full disk shows up here, not after an hour of training
         probe.unlink()
@@ -62,3 +76,71 @@ def append_jsonl(path: Path, obj) -> None:
         f.write(json.dumps(obj) + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def write_jsonl(path: Path, rows: list) -> None:
+    """Replace ``path`` with one JSON line per row, atomically (a resumed run rewrites its log this way)."""
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+# ------------------------------------------------------------------------- resume
+
+def saved_settings(out: str | Path) -> dict:
+    """The settings a run was started with (RUN/config.yaml)."""
+    import yaml
+
+    p = Path(out) / MARKER
+    if not p.is_file():
+        raise UserError(f"--resume: {out} is not a visiontune run (no {MARKER}); nothing to resume")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError, OSError):
+        data = None
+    if not isinstance(data, dict):
+        raise UserError(f"--resume: {p} is damaged; cannot resume this run")
+    return data
+
+
+def check_same_settings(saved: dict, now: dict, out: str | Path) -> None:
+    """Refuse to resume with settings that change what is computed (anything not in MAY_CHANGE_ON_RESUME)."""
+    def same(a, b):
+        return a == b or (isinstance(a, (int, float)) and isinstance(b, (int, float)) and float(a) == float(b))
+
+    differ = [k for k in now if k not in MAY_CHANGE_ON_RESUME and k in saved and not same(now[k], saved[k])]
+    if differ:
+        k = differ[0]
+        raise UserError(f"--resume: --{k.replace('_', '-')} {now[k]} differs from the run's {saved[k]} ({Path(out) / MARKER}); "
+                        f"a resumed run keeps its settings: leave the flag out, or start a new run")
+
+
+class Interrupted(UserError):
+    """Ctrl-C: the run saved a checkpoint and stopped; exit code 130 like any interrupted command."""
+
+    exit_code = 130
+
+
+@contextmanager
+def stop_on_interrupt():
+    """The first Ctrl-C asks the loop to stop at its next safe point (``flag.requested``); the loop saves and
+    raises ``Interrupted``. A second Ctrl-C stops at once (the last checkpoint stays)."""
+
+    class Flag:
+        requested = False
+
+    flag = Flag()
+
+    def handler(signum, frame):
+        if flag.requested:
+            raise KeyboardInterrupt
+        flag.requested = True
+        print("visiontune: stopping at the next safe point to save a checkpoint (Ctrl-C again to stop now)", file=sys.stderr, flush=True)
+
+    try:
+        previous = signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread: Ctrl-C is not ours to handle
+        yield flag
+        return
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -20,13 +20,15 @@ from torch.utils.data import DataLoader
 
 from .. import checkpoint as ckpt
 from .. import strategies
-from ..config import ClassifyConfig, dump_yaml, from_dict, load_yaml
+from ..config import ClassifyConfig, dump_yaml, from_dict, to_dict
 from ..data.classification import DecodedImages, decode_all, find_splits
 from ..data.transforms import classification_eval, classification_train
 from ..errors import UserError
 from ..models.backbones import build_backbone
 from ..models.classifier import Classifier
-from ..runs import append_jsonl, check_out_dir, create_out_dir, write_json
+from ..faults import fault_point
+from ..runs import (Interrupted, append_jsonl, check_out_dir, check_same_settings, create_out_dir, saved_settings, stop_on_interrupt,
+                    write_json, write_jsonl)
 from . import distributed
 from .evaluate import classification_metrics, predict_logits
 from .features import extract, fit_sklearn_head
@@ -127,13 +129,18 @@ def epoch_loader(dataset, batch_size: int, seed: int, epoch: int, workers: int) 
 
 
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer, scheduler, loss_fn, device: torch.device,
-                    epoch: int, progress: bool, channels_last: bool = True) -> dict:
+                    epoch: int, progress: bool, channels_last: bool = True, start_step: int = 0, totals: dict | None = None,
+                    after_step=None) -> dict:
+    """One pass over ``loader``. Resuming mid-epoch: ``loader`` lacks the first ``start_step`` batches and ``totals``
+    holds their running sums. ``after_step(step, totals)`` runs after each step (checkpoints, Ctrl-C)."""
     from tqdm import tqdm
 
     model.train()
-    seen, loss_sum, correct, start = 0, 0.0, 0, time.perf_counter()
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}", unit="batch", leave=False, disable=not progress)
-    for step, (x, y) in enumerate(bar):
+    t = totals or {"seen": 0, "loss_sum": 0.0, "correct": 0, "seconds": 0.0}
+    seen, loss_sum, correct, start = t["seen"], t["loss_sum"], t["correct"], time.perf_counter() - t["seconds"]
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}", unit="batch", leave=False, disable=not progress, initial=start_step,
+               total=start_step + len(loader))
+    for step, (x, y) in enumerate(bar, start=start_step):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -149,6 +156,8 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer, scheduler, 
         loss_sum += loss.item() * len(y)
         correct += (logits.argmax(1) == y).sum().item()
         bar.set_postfix(loss=f"{loss_sum / seen:.3f}")
+        if after_step is not None:
+            after_step(step + 1, {"seen": seen, "loss_sum": loss_sum, "correct": correct, "seconds": time.perf_counter() - start})
     secs = time.perf_counter() - start
     return {"train_loss": loss_sum / max(1, seen), "train_accuracy": correct / max(1, seen), "train_seconds": secs,
             "train_images_per_second": seen / secs if secs > 0 else 0.0}
@@ -191,9 +200,11 @@ def train_head_on_features(model: Classifier, cfg: ClassifyConfig, recipe: Recip
 
 def fit(cfg: ClassifyConfig, resume: bool = False) -> dict:
     """Train a classifier as ``cfg`` says and write the run directory. Returns metrics.json's content."""
-    if resume:
-        saved = load_yaml(Path(cfg.out) / "config.yaml")
-        cfg = from_dict(ClassifyConfig, {**saved, "out": cfg.out, "quiet": cfg.quiet})
+    if resume:  # the run's own settings; the caller's may only add what changes nothing (runs.MAY_CHANGE_ON_RESUME)
+        saved = saved_settings(cfg.out)
+        given = {k: v for k, v in to_dict(cfg).items() if v != getattr(ClassifyConfig, k, None) and not (k == "strategy" and v == "auto")}
+        check_same_settings(saved, given, cfg.out)
+        cfg = from_dict(ClassifyConfig, {**saved, **given})
     cfg.validate()
     out = check_out_dir(cfg.out, cfg.overwrite, resume)
     if cfg.strategy == "auto":
@@ -258,9 +269,12 @@ def fit(cfg: ClassifyConfig, resume: bool = False) -> dict:
             print(f"epoch {epoch + 1:>3}/{cfg.epochs} [{phase}] train_loss {tl}  val_loss {m['loss']:.4f}  val_acc {m['accuracy']:.4f}"
                   f"  ({entry['elapsed_seconds']:.0f}s)", flush=True)
 
-    first_epoch = 0
+    first_epoch, first_step, epoch_totals = 0, 0, None
+    last = out / "last.safetensors"
+    from_checkpoint = resume and last.is_file()  # else (killed before the first checkpoint) the run starts over
     cached_head_phase = recipe.use_feature_cache and phases[0].frozen == (strategies.WHOLE_BACKBONE,)
-    if cached_head_phase and not resume:
+    if cached_head_phase and not from_checkpoint:
+        fault_point("features")
         strategies.apply(model, phases[0])
         tr = distributed.computed_on_main(lambda: extract(model.backbone, train_ds, cfg.views, seed=cfg.seed, desc="features (train)", progress=progress))
         va = distributed.computed_on_main(lambda: extract(model.backbone, val_ds, 1, desc="features (val)", progress=progress))
@@ -281,38 +295,74 @@ def fit(cfg: ClassifyConfig, resume: bool = False) -> dict:
     optimizer = make_optimizer(model, cfg, recipe)
     steps_per_epoch = len(epoch_loader(train_ds, cfg.batch_size, cfg.seed, 0, 0))
     scheduler = make_scheduler(optimizer, recipe, phases, steps_per_epoch, cfg.epochs)
-    if resume:
-        saved_meta = ckpt.load_training_state(out / "last.safetensors", model, optimizer, scheduler)
-        distributed.check_resume(saved_meta, out / "last.safetensors")
-        first_epoch = saved_meta["epoch"]
+    # what a checkpoint must match to be resumed: the same images (by count and classes) give the same batches
+    data_check = {"classes": classes, "train_images": len(train_ds), "val_images": len(val_ds), "steps_per_epoch": steps_per_epoch}
+
+    def save_last(epoch: int, step: int = 0, totals: dict | None = None) -> None:
+        """``last``: ``epoch`` epochs done and ``step`` batches of the next (with their running ``totals``)."""
+        if distributed.is_main():
+            ckpt.save_training_state(last, model, optimizer, scheduler, {
+                "epoch": epoch, "step": step, "epoch_totals": totals, "best": state["best"], "best_epoch": state["best_epoch"],
+                "history": state["history"], "elapsed_seconds": state["elapsed_before"] + time.perf_counter() - state["start"],
+                "world_size": distributed.world_size(), "data": data_check})
+
+    if from_checkpoint:
+        saved_meta = ckpt.load_training_state(last, model, optimizer, scheduler)  # restores the RNG state too
+        distributed.check_resume(saved_meta, last)
+        if saved_meta.get("data") != data_check:
+            raise UserError(f"--resume: the images in {cfg.data} changed since {last} was saved "
+                            f"(then {saved_meta.get('data')}, now {data_check}); resume needs the same data")
+        first_epoch, first_step, epoch_totals = saved_meta["epoch"], saved_meta["step"], saved_meta["epoch_totals"]
         state.update(best=saved_meta["best"], best_epoch=saved_meta["best_epoch"], history=saved_meta["history"],
                      elapsed_before=saved_meta["elapsed_seconds"])
+        if distributed.is_main():
+            write_jsonl(out / "log.jsonl", state["history"])  # drops a line logged after the checkpoint
         if progress:
-            print(f"resuming {out} at epoch {first_epoch + 1}/{cfg.epochs}", flush=True)
-    elif 0 < first_epoch < cfg.epochs:
+            print(f"resuming {out} at epoch {first_epoch + 1}/{cfg.epochs}, step {first_step}/{steps_per_epoch}", flush=True)
+    elif 0 < first_epoch:
         with warnings.catch_warnings():  # the head phase used its own optimizer: move the schedule past it
             warnings.simplefilter("ignore", UserWarning)
             for _ in range(first_epoch * steps_per_epoch):
                 scheduler.step()
+        save_last(first_epoch)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
 
-    for epoch in range(first_epoch, cfg.epochs):
-        phase = strategies.phase_at(phases, epoch)
-        strategies.apply(model, phase)
-        torch.manual_seed(cfg.seed * 100_003 + epoch)  # augmentation draws: a function of (seed, epoch) alone
-        stats = train_one_epoch(distributed.for_training(model, device), epoch_loader(train_ds, cfg.batch_size, cfg.seed, epoch, cfg.workers), optimizer,
-                                scheduler, loss_fn, device, epoch, progress)
-        stats = distributed.reduce_stats(stats)
-        stats["lr"] = optimizer.param_groups[1]["lr"]
-        distributed.broadcast_buffers(model)  # validate rank 0's model, one shard per process
-        logits = distributed.gather_cat(predict_logits(model, val_loader)[0])
-        record(epoch, phase.name, stats, logits)
-        if distributed.is_main():
-            ckpt.save_training_state(out / "last.safetensors", model, optimizer, scheduler, {
-                "epoch": epoch + 1, "best": state["best"], "best_epoch": state["best_epoch"], "history": state["history"],
-                "elapsed_seconds": state["elapsed_before"] + time.perf_counter() - state["start"],
-                "world_size": distributed.world_size()})
+    with stop_on_interrupt() as stop:
+        def interrupted(epoch: int, step: int) -> Interrupted:
+            return Interrupted(f"checkpoint saved at epoch {epoch + 1}, step {step}/{steps_per_epoch} in {last}; "
+                               f"continue with: visiontune classify train --out {out} --resume")
 
+        def after_step(epoch: int, step: int, totals: dict) -> None:
+            """Every step: a checkpoint every --checkpoint-every steps, and at once on Ctrl-C."""
+            if stop.requested or (cfg.checkpoint_every and (epoch * steps_per_epoch + step) % cfg.checkpoint_every == 0):
+                save_last(epoch, step, totals)
+            if stop.requested:
+                raise interrupted(epoch, step)
+            fault_point("step")
+
+        for epoch in range(first_epoch, cfg.epochs):
+            phase = strategies.phase_at(phases, epoch)
+            strategies.apply(model, phase)
+            loader = epoch_loader(train_ds, cfg.batch_size, cfg.seed, epoch, cfg.workers)
+            if first_step:  # mid-epoch: skip the batches done; the RNG state is the checkpoint's
+                loader = ckpt.resume_loader(loader, first_step)
+            else:
+                torch.manual_seed(cfg.seed * 100_003 + epoch)  # random draws (dropout): a function of (seed, epoch) alone
+            stats = train_one_epoch(distributed.for_training(model, device), loader, optimizer, scheduler, loss_fn, device, epoch,
+                                    progress, start_step=first_step, totals=epoch_totals,
+                                    after_step=lambda step, totals: after_step(epoch, step, totals))
+            first_step, epoch_totals = 0, None
+            stats = distributed.reduce_stats(stats)
+            stats["lr"] = optimizer.param_groups[1]["lr"]
+            fault_point("validate")
+            distributed.broadcast_buffers(model)  # validate rank 0's model, one shard per process
+            logits = distributed.gather_cat(predict_logits(model, val_loader)[0])
+            record(epoch, phase.name, stats, logits)
+            save_last(epoch + 1)
+            if stop.requested:
+                raise interrupted(epoch + 1, 0)
+
+    fault_point("finish")
     metrics = finish(out, cfg, model, meta, state, val_ds, classes, bad_train + bad_val, train_s.skipped) if distributed.is_main() else None
     return distributed.broadcast_object(metrics)
 

@@ -1,0 +1,170 @@
+"""Crash-safe training: SIGKILL at many points, Ctrl-C, divergence; every resume ends bit-identical to one run.
+
+The training processes are real ``python -m visiontune`` subprocesses on a tiny timm model (random init, 64 px,
+3 epochs of 3 steps, staged: one frozen-backbone epoch, then two unfrozen). ``VISIONTUNE_FAULT`` (see
+visiontune/faults.py) makes a process kill itself at a chosen point. One thread per process: the results are
+then reproducible and the tests do not fight over the two cores.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import make_class_folders, make_image
+from visiontune import checkpoint as ckpt
+from visiontune.cli import main
+
+TRAIN = ["classify", "train", "--model", "timm:test_efficientnet", "--weights", "none", "--image-size", "64",
+         "--strategy", "staged", "--recipe", "tutorial", "--epochs", "3", "--lr", "0.05", "--checkpoint-every", "2", "--quiet"]
+TIMING = {"train_seconds", "train_images_per_second", "elapsed_seconds"}
+
+
+def run_cli(args: list[str], fault: str | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "VISIONTUNE_FAULT"}
+    env.update(OMP_NUM_THREADS="1", VISIONTUNE_OFFLINE="1", **({"VISIONTUNE_FAULT": fault} if fault else {}))
+    return subprocess.run([sys.executable, "-m", "visiontune", *args], env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_class_folders(tmp_path_factory.mktemp("resume") / "data")
+
+
+@pytest.fixture(scope="module")
+def baseline(data, tmp_path_factory) -> Path:
+    """The uninterrupted run every resumed run must equal."""
+    out = tmp_path_factory.mktemp("baseline") / "run"
+    r = run_cli([*TRAIN, "--data", str(data), "--out", str(out)])
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def assert_no_corrupt_files(run: Path) -> None:
+    """Every model file and checkpoint present passes its checksum (a kill leaves the old file or the new one)."""
+    for f in run.glob("*.safetensors"):
+        ckpt._load(f)
+    for f in run.glob("*.json"):
+        json.loads(f.read_text())
+
+
+def assert_same_run(run: Path, reference: Path) -> None:
+    for name in ("model.safetensors", "last.safetensors"):
+        a, b = load_file(run / name), load_file(reference / name)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), f"{name}: {k} differs"
+
+    def without_timing(row: dict) -> dict:
+        return {k: v for k, v in row.items() if k not in TIMING}
+
+    log = [without_timing(json.loads(line)) for line in (run / "log.jsonl").read_text().splitlines()]
+    ref = [without_timing(json.loads(line)) for line in (reference / "log.jsonl").read_text().splitlines()]
+    assert log == ref
+    assert without_timing(json.loads((run / "metrics.json").read_text())) == without_timing(json.loads((reference / "metrics.json").read_text()))
+
+
+def test_sigkill_at_six_points_then_resume_is_bit_identical(data, baseline, tmp_path):
+    out = tmp_path / "run"
+    # (where the process kills itself, the checkpoint left as (epochs done, steps into the next)); global steps
+    # 1..9, three per epoch, a checkpoint every 2 steps and after each epoch
+    kills = [
+        ("step:1", None),              # the first step, before any checkpoint: the resume starts over
+        ("write-model:1", (0, 2)),     # while writing the first best model (end of epoch 1)
+        ("write-last:2", (1, 0)),      # while writing the step-4 checkpoint
+        ("validate:1", (1, 3)),        # validating epoch 2, after every batch of it
+        ("step:2", (2, 2)),            # in epoch 3, after step 8 and its checkpoint
+        ("finish:1", (3, 0)),          # writing the final files
+    ]
+    for i, (fault, left) in enumerate(kills):
+        args = [*TRAIN, "--data", str(data), "--out", str(out)] if i == 0 else ["classify", "train", "--out", str(out), "--resume"]
+        r = run_cli(args, fault=fault)
+        assert r.returncode == -9, (fault, r.stderr)
+        assert_no_corrupt_files(out)
+        if left is None:
+            assert not (out / "last.safetensors").exists()
+        else:
+            meta = ckpt._load(out / "last.safetensors")[1]
+            assert (meta["epoch"], meta["step"]) == left, fault
+        if fault == "write-model:1":  # killed mid-write: no best model yet, not half of one
+            assert not (out / "model.safetensors").exists() and list(out.glob(".model.safetensors.*.tmp"))
+    r = run_cli(["classify", "train", "--out", str(out), "--resume"])
+    assert r.returncode == 0, r.stderr
+    assert not list(out.glob(".*.tmp")), "a killed write's temporary file was left behind"
+    assert [row["phase"] for row in map(json.loads, (out / "log.jsonl").read_text().splitlines())] == ["head", "unfrozen", "unfrozen"]
+    assert_same_run(out, baseline)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(data, baseline, tmp_path):
+    out = tmp_path / "run"
+    r = run_cli([*TRAIN, "--data", str(data), "--out", str(out)], fault="step:5:INT")
+    assert r.returncode == 130, r.stderr
+    assert "Traceback" not in r.stderr
+    last_line = r.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("visiontune: interrupted: checkpoint saved at epoch 2, step 3/3") and "--resume" in last_line
+    meta = ckpt._load(out / "last.safetensors")[1]
+    assert (meta["epoch"], meta["step"]) == (1, 3)  # the step after the signal, then saved
+    r = run_cli(["classify", "train", "--out", str(out), "--resume"])
+    assert r.returncode == 0, r.stderr
+    assert_same_run(out, baseline)
+
+
+def test_resume_refuses_other_settings_and_other_data(data, baseline, tmp_path, capsys):
+    before = {f.name: f.read_bytes() for f in baseline.iterdir()}
+    for flag in (["--epochs", "5"], ["--lr", "0.1"], ["--strategy", "linear"], ["--image-size", "96"]):
+        assert main(["classify", "train", "--out", str(baseline), "--resume", *flag]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and flag[0] in err[0] and "differs" in err[0], err
+    # the same images but one more: the batches would not be the same
+    changed = tmp_path / "data"
+    shutil.copytree(data, changed)
+    make_image(changed / "train" / "red" / "extra.png", (200, 30, 30), seed=99)
+    run = tmp_path / "run"
+    shutil.copytree(baseline, run)
+    config = (run / "config.yaml").read_text().replace(str(data), str(changed))
+    (run / "config.yaml").write_text(config)
+    assert main(["classify", "train", "--out", str(run), "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "changed" in err[0] and "resume needs the same data" in err[0], err
+    assert main(["classify", "train", "--out", str(tmp_path / "nothing"), "--resume"]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+    assert {f.name: f.read_bytes() for f in baseline.iterdir()} == before
+
+
+@pytest.fixture
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_nonfinite_loss_stops_names_the_step_and_keeps_the_last_good_checkpoint(data, tmp_path, monkeypatch, capsys, one_thread):
+    from visiontune.models.classifier import Classifier
+
+    calls, forward = {"train": 0}, Classifier.forward
+
+    def poisoned(self, x):
+        logits = forward(self, x)
+        if self.training:
+            calls["train"] += 1
+            if calls["train"] == 5:  # global step 5 = epoch 2, step 2
+                return logits * float("nan")
+        return logits
+
+    monkeypatch.setattr(Classifier, "forward", poisoned)
+    out = tmp_path / "run"
+    assert main([*TRAIN, "--data", str(data), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "non-finite loss at epoch 2, step 2" in err[0], err
+    tensors, meta = ckpt._load(out / "last.safetensors")
+    assert (meta["epoch"], meta["step"]) == (1, 1)  # the step-4 checkpoint, before the bad step
+    assert all(torch.isfinite(t).all() for k, t in tensors.items() if k.startswith("model/") and t.is_floating_point())
+    ckpt._load(out / "model.safetensors")
