@@ -82,6 +82,7 @@ class DetectConfig:
     val_last: int | None = None
     model: str = "maskrcnn"  # a torchvision detection model name, or maskrcnn/fasterrcnn with --backbone
     backbone: str | None = None
+    neck: str = "fpn"  # with --backbone: fpn (strides 8-32) or none (its last feature map, as the tutorial's mobilenet_v2)
     weights: str | None = None
     backbone_weights: str | None = None
     trainable_backbone_layers: int | None = None
@@ -105,6 +106,8 @@ class DetectConfig:
     def validate(self) -> "DetectConfig":
         if self.format not in ("pennfudan", "coco"):
             raise UserError(f"--format: unknown format {self.format!r}; choose pennfudan or coco")
+        if self.neck not in ("fpn", "none"):
+            raise UserError(f"--neck: unknown neck {self.neck!r}; choose fpn or none")
         _check_range("--epochs", self.epochs, 1, 10_000)
         _check_range("--batch-size", self.batch_size, 1, 256)
         _check_range("--lr", self.lr, 1e-8, 10.0)

@@ -1,0 +1,151 @@
+"""COCO JSON -> decoded records; and records -> a pycocotools COCO object for evaluation.
+
+Annotations may carry polygons or RLE (then masks are trained) or boxes only (then detection only).
+Category ids may be anything: they are remapped to 1..K in increasing id order, names kept. Every
+``file_name`` must stay inside the image root. Crowd annotations are left out of training, as torchvision's
+reference scripts do.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+from torchvision.transforms.v2 import functional as TF
+
+from ..errors import UserError
+from .images import load_rgb
+from .instance import InstanceData, Record, drop_degenerate, warn_dropped
+
+log = logging.getLogger("visiontune")
+
+
+def read_coco_json(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--annotations: {p}: no such file")
+    try:
+        doc = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{p}: not valid JSON ({str(e).splitlines()[0][:120]})") from None
+    if not isinstance(doc, dict):
+        raise UserError(f"{p}: expected a COCO object with images, annotations and categories")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(doc.get(key), list):
+            raise UserError(f"{p}: missing required key {key!r} (a list)")
+    _require(p, doc["images"], "images", ("id", "file_name"))
+    _require(p, doc["annotations"], "annotations", ("image_id", "category_id", "bbox"))
+    _require(p, doc["categories"], "categories", ("id", "name"))
+    return doc
+
+
+def _require(path: Path, items: list, what: str, keys: tuple[str, ...]) -> None:
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise UserError(f"{path}: {what}[{i}] is not an object")
+        missing = [k for k in keys if k not in item]
+        if missing:
+            raise UserError(f"{path}: {what}[{i}] is missing required key(s) {', '.join(missing)}")
+
+
+def safe_image_path(root: Path, file_name: str, json_path: Path) -> Path:
+    """``root/file_name``, refused when it escapes the root (``../``, absolute paths, links out)."""
+    candidate = (root / file_name).resolve()
+    if Path(file_name).is_absolute() or not candidate.is_relative_to(root.resolve()):
+        raise UserError(f"{json_path}: file_name {file_name!r} escapes the image root {root}; refused")
+    return candidate
+
+
+def segmentation_mask(seg, height: int, width: int) -> np.ndarray:
+    """Polygons, uncompressed RLE or compressed RLE -> (H, W) uint8."""
+    if isinstance(seg, list):
+        rles = mask_utils.frPyObjects(seg, height, width)
+        rle = mask_utils.merge(rles)
+    elif isinstance(seg.get("counts"), list):
+        rle = mask_utils.frPyObjects(seg, height, width)
+    else:
+        rle = dict(seg, counts=seg["counts"].encode() if isinstance(seg["counts"], str) else seg["counts"])
+    return mask_utils.decode(rle)
+
+
+def load_coco(image_root: str | Path, annotations: str | Path) -> InstanceData:
+    """Decode each image once with its annotations; masks when every annotation has a segmentation."""
+    root, json_path = Path(image_root), Path(annotations)
+    if not root.is_dir():
+        raise UserError(f"--data: {root}: no such directory")
+    doc = read_coco_json(json_path)
+    cats = sorted(doc["categories"], key=lambda c: c["id"])
+    if len({c["id"] for c in cats}) != len(cats):
+        raise UserError(f"{json_path}: duplicate category ids")
+    label_of = {c["id"]: i + 1 for i, c in enumerate(cats)}
+    if [c["id"] for c in cats] != list(range(1, len(cats) + 1)):
+        log.info("%s: category ids %s remapped to labels 1..%d (names kept)", json_path, [c["id"] for c in cats], len(cats))
+    anns = [a for a in doc["annotations"] if not a.get("iscrowd", 0)]
+    with_seg = sum(1 for a in anns if a.get("segmentation"))
+    if 0 < with_seg < len(anns):
+        example = next(a for a in anns if not a.get("segmentation"))
+        raise UserError(f"{json_path}: {with_seg} of {len(anns)} annotations have a segmentation, annotation "
+                        f"{example.get('id', '?')} has none; give all of them masks, or none (boxes only)")
+    has_masks = with_seg > 0
+    by_image: dict = {}
+    image_ids = {im["id"] for im in doc["images"]}
+    for a in anns:
+        if a["image_id"] not in image_ids:
+            raise UserError(f"{json_path}: annotation {a.get('id', '?')} refers to image_id {a['image_id']}, which is not in images")
+        if a["category_id"] not in label_of:
+            raise UserError(f"{json_path}: annotation {a.get('id', '?')} has category_id {a['category_id']}, which is not in categories")
+        by_image.setdefault(a["image_id"], []).append(a)
+
+    records, dropped = [], 0
+    for index, im in enumerate(doc["images"]):
+        path = safe_image_path(root, str(im["file_name"]), json_path)
+        if not path.is_file():
+            raise UserError(f"{path}: image not found (file_name {im['file_name']!r} in {json_path})")
+        image = load_rgb(path)
+        w, h = image.size
+        if ("width" in im and im["width"] != w) or ("height" in im and im["height"] != h):
+            raise UserError(f"{path}: image is {w}x{h} but {json_path} says {im.get('width')}x{im.get('height')}")
+        boxes, labels, masks = [], [], []
+        for a in by_image.get(im["id"], []):
+            x, y, bw, bh = (float(v) for v in a["bbox"])
+            boxes.append([x, y, x + bw, y + bh])
+            labels.append(label_of[a["category_id"]])
+            if has_masks:
+                masks.append(segmentation_mask(a["segmentation"], h, w))
+        box_t = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+        keep = drop_degenerate(box_t)
+        dropped += int((~keep).sum())
+        mask_t = torch.from_numpy(np.stack(masks)) if masks else torch.zeros((0, h, w), dtype=torch.uint8)
+        records.append(Record(str(path), TF.pil_to_tensor(image), box_t[keep], torch.tensor(labels, dtype=torch.int64).reshape(-1)[keep],
+                              mask_t[keep] if has_masks else None, index + 1))
+    if not records:
+        raise UserError(f"{json_path}: no images")
+    warn_dropped(dropped, str(json_path))
+    return InstanceData(records, [str(c["name"]) for c in cats], [int(c["id"]) for c in cats], has_masks, dropped)
+
+
+def to_coco_api(records: list[Record], classes: list[str]):
+    """Ground truth as a pycocotools COCO object (labels as category ids; masks as RLE)."""
+    from pycocotools.coco import COCO
+
+    images, annotations = [], []
+    for r in records:
+        h, w = r.size
+        images.append({"id": r.image_id, "height": h, "width": w, "file_name": Path(r.path).name})
+        for j in range(len(r.boxes)):
+            x1, y1, x2, y2 = r.boxes[j].tolist()
+            ann = {"id": len(annotations) + 1, "image_id": r.image_id, "category_id": int(r.labels[j]),
+                   "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0}
+            if r.masks is not None:
+                rle = mask_utils.encode(np.asfortranarray(r.masks[j].numpy()))
+                ann["segmentation"] = rle
+                ann["area"] = float(mask_utils.area(rle))
+            annotations.append(ann)
+    coco = COCO()
+    coco.dataset = {"images": images, "annotations": annotations,
+                    "categories": [{"id": i + 1, "name": n} for i, n in enumerate(classes)]}
+    coco.createIndex()
+    return coco

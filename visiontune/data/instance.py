@@ -1,0 +1,191 @@
+"""Instance data in one form for every format: decoded images with target dicts (boxes, labels, masks).
+
+Penn-Fudan layout: ``DIR/PNGImages/NAME.png`` + ``DIR/PedMasks/NAME_mask.png``, each mask an 8-bit image of
+instance ids (0 background, 1..N objects). Boxes are derived from the masks (the released annotation boxes
+disagree with the masks, e.g. PennPed00027 by 6 px). An all-zero mask is a valid image with no objects.
+Each image is decoded once and kept in memory; ``DetectionDataset`` only flips and scales per step.
+"""
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.ops import masks_to_boxes
+from torchvision.transforms.v2 import functional as TF
+
+from ..errors import UserError
+from .images import is_image_file, load_rgb
+from .transforms import detection_eval, detection_train
+
+log = logging.getLogger("visiontune")
+
+
+@dataclass
+class Record:
+    """One decoded image and its objects. ``labels`` index ``classes`` + 1 (0 is background)."""
+
+    path: str
+    image: torch.Tensor  # uint8 (3, H, W)
+    boxes: torch.Tensor  # float32 (N, 4) x1 y1 x2 y2, pixels
+    labels: torch.Tensor  # int64 (N,)
+    masks: torch.Tensor | None  # uint8 (N, H, W), or None for boxes-only data
+    image_id: int
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return int(self.image.shape[-2]), int(self.image.shape[-1])
+
+
+@dataclass
+class InstanceData:
+    """Records plus the class names (without background) and, for COCO, the original category ids."""
+
+    records: list[Record]
+    classes: list[str]
+    category_ids: list[int]
+    has_masks: bool
+    dropped_boxes: int = 0
+
+
+def drop_degenerate(boxes: torch.Tensor) -> torch.Tensor:
+    """A keep-mask for boxes with positive width and height."""
+    return (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+
+
+def warn_dropped(count: int, where: str) -> None:
+    if count:
+        log.warning("%s: dropped %d degenerate box(es) with zero width or height", where, count)
+
+
+# --------------------------------------------------------------------------------------------- Penn-Fudan
+
+def read_instance_mask(path: Path, image_size: tuple[int, int]) -> np.ndarray:
+    """An 8-bit instance-id mask the size of its image (``image_size`` = (width, height))."""
+    try:
+        with Image.open(path) as im:
+            mode, size = im.mode, im.size
+            if mode != "L":
+                kind = {"P": "a palette", "I;16": "a 16-bit", "I;16B": "a 16-bit", "I;16L": "a 16-bit", "I": "a 32-bit",
+                        "RGB": "an RGB", "RGBA": "an RGBA", "1": "a 1-bit"}.get(mode, f"a {mode}")
+                raise UserError(f"{path}: {kind} mask; expected an 8-bit grayscale (mode L) image of instance ids 0..255")
+            if size != image_size:
+                raise UserError(f"{path}: mask is {size[0]}x{size[1]} but its image is {image_size[0]}x{image_size[1]}")
+            return np.asarray(im, dtype=np.uint8).copy()
+    except UserError:
+        raise
+    except (OSError, SyntaxError, ValueError) as e:
+        raise UserError(f"{path}: not a readable mask image ({str(e).splitlines()[0][:120]})") from None
+
+
+def masks_from_ids(ids: np.ndarray) -> torch.Tensor:
+    """(H, W) instance ids -> (N, H, W) uint8 binary masks, ids in increasing order."""
+    t = torch.from_numpy(ids)
+    obj_ids = torch.unique(t)
+    obj_ids = obj_ids[obj_ids != 0]
+    return (t[None] == obj_ids[:, None, None]).to(torch.uint8)
+
+
+def pennfudan_pairs(root: Path) -> list[tuple[Path, Path]]:
+    """(image, mask) pairs; a mask without its image, or an image without its mask, is refused by name."""
+    images_dir, masks_dir = root / "PNGImages", root / "PedMasks"
+    for d in (images_dir, masks_dir):
+        if not d.is_dir():
+            raise UserError(f"--data: {root}: no {d.name}/ folder (the Penn-Fudan layout is PNGImages/ + PedMasks/)")
+    images = {p.stem: p for p in sorted(images_dir.iterdir()) if p.is_file() and is_image_file(p)}
+    masks = {p.stem.removesuffix("_mask"): p for p in sorted(masks_dir.iterdir()) if p.is_file() and is_image_file(p)}
+    for stem, mask in masks.items():
+        if stem not in images:
+            raise UserError(f"{mask}: mask without an image (expected {images_dir / (stem + '.png')})")
+    for stem, image in images.items():
+        if stem not in masks:
+            raise UserError(f"{image}: image without a mask (expected {masks_dir / (stem + '_mask.png')})")
+    if not images:
+        raise UserError(f"--data: {images_dir}: no images")
+    return [(images[s], masks[s]) for s in sorted(images)]
+
+
+def load_pennfudan(root: str | Path, class_name: str = "object") -> InstanceData:
+    """Decode every image and mask once; boxes from masks; degenerate boxes dropped with a count."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"--data: {root}: no such directory")
+    records, dropped = [], 0
+    for i, (img_path, mask_path) in enumerate(pennfudan_pairs(root)):
+        image = load_rgb(img_path)
+        masks = masks_from_ids(read_instance_mask(mask_path, image.size))
+        boxes = masks_to_boxes(masks) if len(masks) else torch.zeros((0, 4))
+        keep = drop_degenerate(boxes)
+        dropped += int((~keep).sum())
+        records.append(Record(str(img_path), TF.pil_to_tensor(image), boxes[keep].float(),
+                              torch.ones(int(keep.sum()), dtype=torch.int64), masks[keep], i + 1))
+    warn_dropped(dropped, str(root))
+    return InstanceData(records, [class_name], [1], True, dropped)
+
+
+# --------------------------------------------------------------------------------------------- splits
+
+def split_records(data: InstanceData, val_split: float | None, val_last: int | None, seed: int) -> tuple[list[Record], list[Record]]:
+    """The tutorial's split (the last N images as validation), or a seeded random fraction."""
+    records = data.records
+    if val_last is not None:
+        if val_last >= len(records):
+            raise UserError(f"--val-last {val_last}: the data has only {len(records)} images")
+        return records[:-val_last], records[-val_last:]
+    fraction = 0.2 if val_split is None else val_split
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    n_val = max(1, round(fraction * len(records)))
+    if n_val >= len(records):
+        raise UserError(f"--val-split {fraction}: leaves no training images of {len(records)}")
+    val_idx = set(order[:n_val])
+    return [r for i, r in enumerate(records) if i not in val_idx], [r for i, r in enumerate(records) if i in val_idx]
+
+
+# --------------------------------------------------------------------------------------------- dataset
+
+class DetectionDataset(Dataset):
+    """Decoded records -> (float image in [0, 1], target dict); training adds a flip that moves boxes and masks."""
+
+    def __init__(self, records: list[Record], train: bool):
+        self.records = records
+        self.transform = detection_train() if train else detection_eval()
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def aspect_ratio(self, i: int) -> float:
+        h, w = self.records[i].size
+        return w / h
+
+    def __getitem__(self, i: int):
+        r = self.records[i]
+        target = {"boxes": tv_tensors.BoundingBoxes(r.boxes, format="XYXY", canvas_size=r.size), "labels": r.labels,
+                  "image_id": r.image_id}
+        if r.masks is not None:
+            target["masks"] = tv_tensors.Mask(r.masks)
+        image, target = self.transform(tv_tensors.Image(r.image), target)
+        return image.as_subclass(torch.Tensor), {k: v.as_subclass(torch.Tensor) if isinstance(v, torch.Tensor) else v
+                                                 for k, v in target.items()}
+
+
+def collate(batch):
+    return tuple(zip(*batch))
+
+
+def grouped_batches(dataset: DetectionDataset, batch_size: int, generator: torch.Generator, chunk: int = 8) -> list[list[int]]:
+    """Shuffled batches of images with similar aspect ratios, so a batch pads little (torchvision's grouping, simplified)."""
+    order = torch.randperm(len(dataset), generator=generator).tolist()
+    batches = []
+    span = batch_size * chunk
+    for start in range(0, len(order), span):
+        window = sorted(order[start:start + span], key=dataset.aspect_ratio)
+        batches += [window[i:i + batch_size] for i in range(0, len(window), batch_size)]
+    perm = torch.randperm(len(batches), generator=generator).tolist()
+    return [batches[i] for i in perm]
