@@ -51,18 +51,26 @@ def load_rgb(path: str | Path) -> Image.Image:
         raise BadImage(p, "permission denied") from None
     except FileNotFoundError:
         raise BadImage(p, "no such file") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise BadImage(p, f"corrupt or truncated image ({str(e).splitlines()[0][:120]})") from None
+    except MemoryError:
+        raise BadImage(p, "image too large to decode") from None
+    except Exception as e:  # noqa: BLE001 - decoders raise OSError, SyntaxError, ValueError, EOFError, struct.error...
+        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        raise BadImage(p, f"corrupt or truncated image ({reason})") from None
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
     if im.mode == "RGB":
         return im
-    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
         a = np.asarray(im, dtype=np.float64)
-        hi = a.max() if a.size else 0
-        scale = 255.0 / (65535.0 if hi > 255 else 255.0) if im.mode != "F" else 255.0 / max(float(hi), 1e-12)
-        return Image.fromarray(np.clip(a * scale, 0, 255).astype(np.uint8), "L").convert("RGB")
+        hi = float(a.max()) if a.size else 0.0
+        if im.mode.startswith("I;16") or (im.mode == "I" and hi > 255):
+            scale = 255.0 / 65535.0  # 16-bit samples, however dark the picture
+        elif im.mode == "I":
+            scale = 1.0
+        else:  # float samples: 0..1 when they look like it, else stretched to their maximum
+            scale = 255.0 if hi <= 1.0 else 255.0 / hi
+        return Image.fromarray(np.clip(np.rint(a * scale), 0, 255).astype(np.uint8), "L").convert("RGB")
     if im.mode == "P" and "transparency" in im.info:
         im = im.convert("RGBA")
     if im.mode in ("RGBA", "LA", "PA"):
