@@ -126,3 +126,18 @@ def test_report_of_an_unfinished_run_says_so(tmp_path):
     run.mkdir()
     page = write_report(run).read_text()
     assert "did not finish" in page and "No log.jsonl entries" in page
+
+
+def test_tensorboard_without_the_package_is_a_one_line_error(tiny_folders, tmp_path, capsys):
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        out = tmp_path / "run"
+        assert main(["classify", "train", "--data", str(tiny_folders), "--out", str(out), "--tensorboard", "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert "pip install tensorboard" in err and len(err.strip().splitlines()) == 1 and not out.exists()
+    else:
+        out = tmp_path / "run"
+        assert main(["classify", "train", "--data", str(tiny_folders), "--out", str(out), "--tensorboard", "--quiet",
+                     "--image-size", "64", "--epochs", "2"]) == 0
+        assert list((out / "tensorboard").glob("events.out.tfevents.*"))
