@@ -64,6 +64,17 @@ def select_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def tensorboard_writer(out: Path | None):
+    """A SummaryWriter into RUN/tensorboard (``out`` None: only check that the tensorboard package is there)."""
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        raise UserError("--tensorboard: the tensorboard package is not installed; pip install tensorboard") from None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(out / "tensorboard")) if out is not None else None
+
+
 # --------------------------------------------------------------------------------------------- settings
 
 def resolve_settings(cfg: ClassifyConfig) -> tuple[ClassifyConfig, Recipe]:
@@ -207,10 +218,14 @@ def fit(cfg: ClassifyConfig, resume: bool = False) -> dict:
         cfg = from_dict(ClassifyConfig, {**saved, **given})
     cfg.validate()
     out = check_out_dir(cfg.out, cfg.overwrite, resume)
+    if cfg.tensorboard:
+        tensorboard_writer(None)
+    advice = None
     if cfg.strategy == "auto":
         from ..advisor import choose_strategy
 
-        cfg = replace(cfg, strategy=choose_strategy(cfg).strategy)
+        advice = choose_strategy(cfg)
+        cfg = replace(cfg, strategy=advice.strategy, trainable_stages=cfg.trainable_stages or advice.trainable_stages)
     cfg, recipe = resolve_settings(cfg)
     device = distributed.init(select_device(cfg.device))
     distributed.per_process_batch(cfg.batch_size)
@@ -239,6 +254,7 @@ def fit(cfg: ClassifyConfig, resume: bool = False) -> dict:
         if not resume:
             dump_yaml(cfg, out / "config.yaml")
             (out / "log.jsonl").unlink(missing_ok=True)
+    tb = tensorboard_writer(out) if cfg.tensorboard and distributed.is_main() else None
     model.to(device).to(memory_format=torch.channels_last)
     if cfg.sync_bn:
         model = distributed.sync_batchnorm(model, device)
@@ -247,7 +263,7 @@ def fit(cfg: ClassifyConfig, resume: bool = False) -> dict:
         "task": "classification", "model": backbone.name, "classes": classes, "head": cfg.head, "num_features": backbone.num_features,
         "bank_size": len(train_s) * cfg.views if cfg.head == "knn" else 1, "strategy": cfg.strategy, "recipe": cfg.recipe,
         "preprocessing": {"mean": list(prep.mean), "std": list(prep.std), "input_size": size, "resize_size": resize},
-        "pretrained": backbone.pretrained,
+        "pretrained": backbone.pretrained, "advice": advice.as_dict() if advice else None,
     }
     state = {"best": -1.0, "best_epoch": -1, "history": [], "start": time.perf_counter(), "elapsed_before": 0.0}
 
@@ -261,6 +277,11 @@ def fit(cfg: ClassifyConfig, resume: bool = False) -> dict:
         if not distributed.is_main():  # rank 0 alone logs and saves
             return
         append_jsonl(out / "log.jsonl", entry)
+        if tb is not None:
+            for key, value in entry.items():
+                if isinstance(value, (int, float)) and key != "epoch":
+                    tb.add_scalar(key, value, epoch + 1)
+            tb.flush()
         if m["accuracy"] > state["best"]:
             state["best"], state["best_epoch"] = m["accuracy"], epoch + 1
             ckpt.save_model(out / "model.safetensors", model, dict(meta, metrics={"val_accuracy": m["accuracy"], "epoch": epoch + 1}))
@@ -363,12 +384,15 @@ def fit(cfg: ClassifyConfig, resume: bool = False) -> dict:
                 raise interrupted(epoch + 1, 0)
 
     fault_point("finish")
-    metrics = finish(out, cfg, model, meta, state, val_ds, classes, bad_train + bad_val, train_s.skipped) if distributed.is_main() else None
+    val_paths = None if bad_val else [str(p) for p, _ in val_s.items]  # aligned with val_ds only when none was skipped
+    metrics = finish(out, cfg, model, meta, state, val_ds, classes, bad_train + bad_val, train_s.skipped, val_paths) if distributed.is_main() else None
     return distributed.broadcast_object(metrics)
 
 
-def finish(out: Path, cfg: ClassifyConfig, model: Classifier, meta: dict, state: dict, val_ds, classes, bad, skipped) -> dict:
-    """Reload the best model, write metrics.json and the pictures."""
+def finish(out: Path, cfg: ClassifyConfig, model: Classifier, meta: dict, state: dict, val_ds, classes, bad, skipped,
+           val_paths: list[str] | None = None) -> dict:
+    """Reload the best model, write metrics.json, the pictures and report.html."""
+    from ..report import write_report, write_val_predictions
     from ..visualize import confusion_matrix_png, prediction_grid_png
 
     best_sd, _ = ckpt.load_model_file(out / "model.safetensors")
@@ -379,16 +403,20 @@ def finish(out: Path, cfg: ClassifyConfig, model: Classifier, meta: dict, state:
     trainable, total = model.count_params()
     train_seconds = state["elapsed_before"] + time.perf_counter() - state["start"]
     metrics = {
-        "best_val_accuracy": state["best"], "best_epoch": state["best_epoch"], "final_val_accuracy": final_acc,
+        "task": "classification", "best_val_accuracy": state["best"], "best_epoch": state["best_epoch"], "final_val_accuracy": final_acc,
         "epochs": cfg.epochs, "train_seconds": round(train_seconds, 2), "strategy": cfg.strategy, "model": meta["model"],
         "head": cfg.head, "recipe": cfg.recipe, "trainable_params": trainable,
         "total_params": total, "classes": classes, "per_class": m["per_class"],
         "confusion_matrix": m["confusion_matrix"], "skipped_bad_images": bad, "skipped_non_images": skipped,
     }
+    if meta.get("advice"):
+        metrics["advice"] = meta["advice"]
     write_json(out / "metrics.json", metrics)
+    write_val_predictions(out / "val_predictions.json", val_ds.images, logits, labels, classes, val_paths)
     prediction_grid_png(out / "predictions.png", val_ds, logits, labels, classes, meta["preprocessing"])
     confusion_matrix_png(out / "confusion_matrix.png", m["confusion_matrix"], classes)
+    write_report(out)
     if not cfg.quiet:
         print(f"best val accuracy {state['best']:.4f} (epoch {state['best_epoch']}), final {final_acc:.4f}, {train_seconds:.0f}s", flush=True)
-        print(f"outputs in {out}/: model.safetensors metrics.json log.jsonl predictions.png confusion_matrix.png config.yaml", flush=True)
+        print(f"outputs in {out}/: model.safetensors metrics.json log.jsonl report.html predictions.png confusion_matrix.png config.yaml", flush=True)
     return metrics
