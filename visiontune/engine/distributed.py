@@ -124,6 +124,12 @@ class SeededPerSample(Dataset):
             return self.dataset[index]
 
 
+def split_batches(batches: list[list[int]]) -> list[list[int]]:
+    """This process's share of each global batch (every N-th index); a batch smaller than N is left out, by all."""
+    n, r = world_size(), rank()
+    return [b[r::n] for b in batches if len(b) >= n]
+
+
 def shard(dataset: Dataset) -> Dataset:
     """This process's contiguous slice of ``dataset``: concatenating the slices in rank order gives it back."""
     n, w, r = len(dataset), world_size(), rank()
@@ -187,16 +193,19 @@ def computed_on_main(compute: Callable[[], tuple[torch.Tensor, ...]]) -> tuple[t
 
 def reduce_stats(stats: dict) -> dict:
     """Per-process training statistics made global: averaged over processes (each sees the same number of
-    images per epoch), except throughputs (``*_per_second``), which add up, and times (``*_seconds``), the slowest."""
+    images per epoch), except throughputs (``*_per_second``), which add up, and times (``*_seconds``), the slowest.
+    Lists of numbers (per-step losses) are averaged element by element."""
     if not is_distributed():
         return stats
-    keys = [k for k, v in stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    values = torch.tensor([[float(stats[k]) for k in keys]], dtype=torch.float64)
-    everyone = gather_cat(values)
     out = dict(stats)
+    keys = [k for k, v in stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    everyone = gather_cat(torch.tensor([[float(stats[k]) for k in keys]], dtype=torch.float64))
     for i, k in enumerate(keys):
         col = everyone[:, i]
         out[k] = (col.sum() if k.endswith("_per_second") else col.max() if k.endswith("_seconds") else col.mean()).item()
+    for k, v in stats.items():
+        if isinstance(v, list) and all(isinstance(x, (int, float)) for x in v):
+            out[k] = gather_cat(torch.tensor([v], dtype=torch.float64)).mean(0).tolist()
     return out
 
 
