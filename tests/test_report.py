@@ -107,14 +107,17 @@ def test_gallery_shows_mistakes_first(tmp_path):
 
 def test_detection_report_from_run_files(tmp_path):
     run = tmp_path / "det"
-    (run / "gallery").mkdir(parents=True)
+    run.mkdir()
     (run / "config.yaml").write_text("model: maskrcnn\nepochs: 2\n")
-    (run / "metrics.json").write_text(json.dumps({"task": "detection", "bbox": {"AP": 0.612, "AP50": 0.923},
-                                                  "segm": {"AP": 0.571, "AP50": 0.884}, "train_seconds": 12.5}))
-    (run / "log.jsonl").write_text("".join(json.dumps({"epoch": e, "loss": 2.0 / e, "bbox_AP": 0.3 * e}) + "\n" for e in (1, 2)))
-    make_image(run / "gallery" / "PennPed00001.png", (200, 60, 60), size=(120, 80))
+    # what engine/detection.py writes: flat COCO numbers and per-class AP in metrics.json, predictions.png
+    (run / "metrics.json").write_text(json.dumps({
+        "task": "detection", "bbox_AP": 0.612, "bbox_AP50": 0.923, "segm_AP": 0.571, "segm_AP50": 0.884, "train_seconds": 12.5,
+        "per_class": {"person": {"bbox_AP": 0.612, "bbox_AP50": 0.923, "segm_AP": 0.571, "segm_AP50": None}}}))
+    (run / "log.jsonl").write_text("".join(json.dumps({"epoch": e, "train_loss": 2.0 / e, "bbox_AP": 0.3 * e, "val_images": 50}) + "\n"
+                                           for e in (1, 2)))
+    make_image(run / "predictions.png", (200, 60, 60), size=(120, 80))
     page = write_report(run).read_text()
-    for text in ("Average precision", "0.6120", "0.8840", "segm", "PennPed00001.png", "Training curves"):
+    for text in ("Average precision", "0.6120", "0.8840", "segm", "person", "predictions.png", "Training curves"):
         assert text in page
     probe, shot = render(run / "report.html", tmp_path)
     assert probe["curves"] == 1 and probe["gallery"] == 1 and probe["decoded"] == probe["images"] == 2

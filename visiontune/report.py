@@ -5,9 +5,9 @@
 - ``config.yaml`` (the settings), ``log.jsonl`` (one line per epoch: the curves), ``metrics.json``;
 - classification: ``metrics.json`` per-class metrics and confusion matrix, and ``val_predictions.json``
   (written by ``write_val_predictions`` at the end of training) for the gallery, mistakes first;
-- detection (``metrics.json`` with ``"task": "detection"``): the AP numbers it holds (``{"bbox": {"AP": ..},
-  "segm": {..}}`` or flat numbers), and the rendered predictions beside the ground truth found as images in
-  ``RUN/gallery/`` (or, failing that, the PNGs at the top of the run directory).
+- detection (the model file's metadata, or ``metrics.json``, says ``"task": "detection"``): the COCO numbers
+  (``bbox_AP``, ``segm_AP50``, ... and ``per_class``), and the rendered predictions beside the ground truth:
+  the images in ``RUN/gallery/``, or failing that the PNGs at the top of the run directory.
 """
 from __future__ import annotations
 
@@ -91,6 +91,8 @@ def _read_log(path: Path) -> list[dict]:
 def _run_task(run: Path, metrics: dict) -> str:
     if metrics.get("task"):
         return metrics["task"]
+    if "bbox_AP" in metrics:
+        return "detection"
     model_file = run / "model.safetensors"
     if model_file.is_file():
         try:
@@ -121,11 +123,12 @@ def _curves(history: list[dict]) -> str:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     skip = {"epoch", "lr", "elapsed_seconds", "train_seconds", "train_images_per_second"}
     keys = [k for k in dict.fromkeys(k for h in history for k in h)
             if k not in skip and any(isinstance(h.get(k), (int, float)) and not isinstance(h.get(k), bool) for h in history)]
-    panels = [("loss", [k for k in keys if "loss" in k]), ("accuracy / AP", [k for k in keys if "loss" not in k])]
+    panels = [("loss", [k for k in keys if "loss" in k]), ("accuracy / AP", [k for k in keys if "accuracy" in k or "AP" in k])]
     panels = [(title, ks) for title, ks in panels if ks]
     if not panels:
         return "<p>No numbers per epoch in log.jsonl.</p>"
@@ -136,6 +139,7 @@ def _curves(history: list[dict]) -> str:
             ys = [h.get(k) if isinstance(h.get(k), (int, float)) else math.nan for h in history]
             ax.plot(epochs, ys, marker="o", label=k)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -171,7 +175,8 @@ def _summary(metrics: dict, task: str) -> str:
             "train_seconds", "trainable_params", "total_params"]
     rows = [[k.replace("_", " "), metrics[k]] for k in keys if k in metrics]
     if task != "classification":
-        rows = [[k.replace("_", " "), v] for k, v in metrics.items() if isinstance(v, (str, int, float)) and not isinstance(v, bool)]
+        rows = [[k.replace("_", " "), v] for k, v in metrics.items()
+                if isinstance(v, (str, int, float)) and not isinstance(v, bool) and not k.startswith(("bbox_", "segm_"))]
     return _table(["", "value"], rows) if rows else "<p>metrics.json is missing: the run did not finish.</p>"
 
 
@@ -207,12 +212,16 @@ def _classification_gallery(preds: dict | None) -> str:
 
 
 def _ap_table(metrics: dict) -> str:
-    nested = {k: v for k, v in metrics.items() if isinstance(v, dict) and v and all(isinstance(x, (int, float)) for x in v.values())}
-    if nested:
-        cols = list(dict.fromkeys(c for v in nested.values() for c in v))
-        return _table(["", *cols], [[k, *[v.get(c, "") for c in cols]] for k, v in nested.items()])
-    flat = [[k, v] for k, v in metrics.items() if "ap" in k.lower() and isinstance(v, (int, float))]
-    return _table(["metric", "value"], flat) if flat else "<p>No AP numbers in metrics.json.</p>"
+    """COCO numbers as written by the detection engine: ``bbox_AP``, ``segm_AP50``, ... and ``per_class``."""
+    kinds = [k for k in ("bbox", "segm") if any(key.startswith(k + "_") for key in metrics)]
+    if not kinds:
+        return "<p>No AP numbers in metrics.json.</p>"
+    cols = list(dict.fromkeys(key.split("_", 1)[1] for key in metrics if key.split("_", 1)[0] in kinds and isinstance(metrics[key], (int, float))))
+    overall = _table(["", *cols], [[k, *[metrics.get(f"{k}_{c}", "") for c in cols]] for k in kinds])
+    per_class = metrics.get("per_class") or {}
+    class_cols = list(dict.fromkeys(c for v in per_class.values() for c in v))
+    rows = [[name, *["-" if v.get(c) is None else v[c] for c in class_cols]] for name, v in per_class.items()]
+    return overall + (f"<h3>Per class</h3>{_table(['class', *class_cols], rows)}" if rows else "")
 
 
 def _detection_gallery(run: Path) -> str:
