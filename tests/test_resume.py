@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -38,21 +39,60 @@ def data(tmp_path_factory) -> Path:
     return make_class_folders(tmp_path_factory.mktemp("resume") / "data")
 
 
+def observe(run: Path, fault: str | None, r: subprocess.CompletedProcess) -> dict:
+    """What a process left behind: exit code, stderr, whether every file passed its checksum, where `last` stands."""
+    seen = {"fault": fault, "rc": r.returncode, "stderr": r.stderr, "corrupt": [], "last": None, "model": (run / "model.safetensors").exists(),
+            "model_tmp": bool(list(run.glob(".model.safetensors.*.tmp")))}
+    for f in [*run.glob("*.safetensors"), *run.glob("*.json")]:
+        try:
+            ckpt._load(f) if f.suffix == ".safetensors" else json.loads(f.read_text())
+        except Exception as e:  # noqa: BLE001 - recorded, asserted on by the tests
+            seen["corrupt"].append(f"{f.name}: {e}")
+    if (run / "last.safetensors").exists() and not seen["corrupt"]:
+        meta = ckpt._load(run / "last.safetensors")[1]
+        seen["last"] = (meta["epoch"], meta["step"])
+    return seen
+
+
+# Where each process of the SIGKILL chain kills itself, and the checkpoint it must leave as (epochs done, steps
+# into the next). Global steps 1..9, three per epoch; a checkpoint every 2 steps and after each epoch.
+KILLS = [
+    ("step:1", None),           # the first step, before any checkpoint: the resume starts over
+    ("write-model:1", (0, 2)),  # while writing the first best model (end of epoch 1)
+    ("write-last:2", (1, 0)),   # while writing the step-4 checkpoint
+    ("validate:1", (1, 3)),     # validating epoch 2, after every batch of it
+    ("step:2", (2, 2)),         # in epoch 3, after step 8 and its checkpoint
+    ("finish:1", (3, 0)),       # writing the final files
+]
+
+
 @pytest.fixture(scope="module")
-def baseline(data, tmp_path_factory) -> Path:
-    """The uninterrupted run every resumed run must equal."""
-    out = tmp_path_factory.mktemp("baseline") / "run"
-    r = run_cli([*TRAIN, "--data", str(data), "--out", str(out)])
-    assert r.returncode == 0, r.stderr
-    return out
+def runs(data, tmp_path_factory) -> dict:
+    """Three independent experiments, two at a time (one thread each): the SIGKILL chain; the uninterrupted
+    baseline, then a Ctrl-C and its resume."""
+    root = tmp_path_factory.mktemp("runs")
+    start = lambda out: [*TRAIN, "--data", str(data), "--out", str(out)]  # noqa: E731
+    resume = lambda out: ["classify", "train", "--out", str(out), "--resume"]  # noqa: E731
 
+    def kill_chain() -> list[dict]:
+        out, seen = root / "killed", []
+        for i, (fault, _) in enumerate(KILLS + [(None, None)]):
+            seen.append(observe(out, fault, run_cli(start(out) if i == 0 else resume(out), fault=fault)))
+        return seen
 
-def assert_no_corrupt_files(run: Path) -> None:
-    """Every model file and checkpoint present passes its checksum (a kill leaves the old file or the new one)."""
-    for f in run.glob("*.safetensors"):
-        ckpt._load(f)
-    for f in run.glob("*.json"):
-        json.loads(f.read_text())
+    def baseline_then_ctrl_c() -> list[dict]:
+        seen = [observe(root / "baseline", None, run_cli(start(root / "baseline")))]
+        out = root / "interrupted"
+        seen.append(observe(out, "step:5:INT", run_cli(start(out), fault="step:5:INT")))
+        seen.append(observe(out, None, run_cli(resume(out))))
+        return seen
+
+    with ThreadPoolExecutor(2) as pool:
+        kills, others = pool.submit(kill_chain), pool.submit(baseline_then_ctrl_c)
+        result = {"kills": kills.result(), "others": others.result()}
+    baseline = result["others"][0]
+    assert baseline["rc"] == 0, baseline["stderr"]
+    return dict(result, root=root)
 
 
 def assert_same_run(run: Path, reference: Path) -> None:
@@ -71,52 +111,34 @@ def assert_same_run(run: Path, reference: Path) -> None:
     assert without_timing(json.loads((run / "metrics.json").read_text())) == without_timing(json.loads((reference / "metrics.json").read_text()))
 
 
-def test_sigkill_at_six_points_then_resume_is_bit_identical(data, baseline, tmp_path):
-    out = tmp_path / "run"
-    # (where the process kills itself, the checkpoint left as (epochs done, steps into the next)); global steps
-    # 1..9, three per epoch, a checkpoint every 2 steps and after each epoch
-    kills = [
-        ("step:1", None),              # the first step, before any checkpoint: the resume starts over
-        ("write-model:1", (0, 2)),     # while writing the first best model (end of epoch 1)
-        ("write-last:2", (1, 0)),      # while writing the step-4 checkpoint
-        ("validate:1", (1, 3)),        # validating epoch 2, after every batch of it
-        ("step:2", (2, 2)),            # in epoch 3, after step 8 and its checkpoint
-        ("finish:1", (3, 0)),          # writing the final files
-    ]
-    for i, (fault, left) in enumerate(kills):
-        args = [*TRAIN, "--data", str(data), "--out", str(out)] if i == 0 else ["classify", "train", "--out", str(out), "--resume"]
-        r = run_cli(args, fault=fault)
-        assert r.returncode == -9, (fault, r.stderr)
-        assert_no_corrupt_files(out)
-        if left is None:
-            assert not (out / "last.safetensors").exists()
-        else:
-            meta = ckpt._load(out / "last.safetensors")[1]
-            assert (meta["epoch"], meta["step"]) == left, fault
+def test_sigkill_at_six_points_then_resume_is_bit_identical(runs):
+    seen = runs["kills"]
+    for (fault, left), s in zip(KILLS, seen):
+        assert s["rc"] == -9, (fault, s["stderr"])
+        assert not s["corrupt"], (fault, s["corrupt"])
+        assert s["last"] == left, fault
         if fault == "write-model:1":  # killed mid-write: no best model yet, not half of one
-            assert not (out / "model.safetensors").exists() and list(out.glob(".model.safetensors.*.tmp"))
-    r = run_cli(["classify", "train", "--out", str(out), "--resume"])
-    assert r.returncode == 0, r.stderr
+            assert not s["model"] and s["model_tmp"]
+    final = seen[-1]
+    assert final["rc"] == 0 and not final["corrupt"], final["stderr"]
+    out = runs["root"] / "killed"
     assert not list(out.glob(".*.tmp")), "a killed write's temporary file was left behind"
     assert [row["phase"] for row in map(json.loads, (out / "log.jsonl").read_text().splitlines())] == ["head", "unfrozen", "unfrozen"]
-    assert_same_run(out, baseline)
+    assert_same_run(out, runs["root"] / "baseline")
 
 
-def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(data, baseline, tmp_path):
-    out = tmp_path / "run"
-    r = run_cli([*TRAIN, "--data", str(data), "--out", str(out)], fault="step:5:INT")
-    assert r.returncode == 130, r.stderr
-    assert "Traceback" not in r.stderr
-    last_line = r.stderr.strip().splitlines()[-1]
+def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(runs):
+    _, stopped, resumed = runs["others"]
+    assert stopped["rc"] == 130 and "Traceback" not in stopped["stderr"], stopped["stderr"]
+    last_line = stopped["stderr"].strip().splitlines()[-1]
     assert last_line.startswith("visiontune: interrupted: checkpoint saved at epoch 2, step 3/3") and "--resume" in last_line
-    meta = ckpt._load(out / "last.safetensors")[1]
-    assert (meta["epoch"], meta["step"]) == (1, 3)  # the step after the signal, then saved
-    r = run_cli(["classify", "train", "--out", str(out), "--resume"])
-    assert r.returncode == 0, r.stderr
-    assert_same_run(out, baseline)
+    assert stopped["last"] == (1, 3)  # the signal came after step 5; step 6 finished, then it saved
+    assert resumed["rc"] == 0, resumed["stderr"]
+    assert_same_run(runs["root"] / "interrupted", runs["root"] / "baseline")
 
 
-def test_resume_refuses_other_settings_and_other_data(data, baseline, tmp_path, capsys):
+def test_resume_refuses_other_settings_and_other_data(data, runs, tmp_path, capsys):
+    baseline = runs["root"] / "baseline"
     before = {f.name: f.read_bytes() for f in baseline.iterdir()}
     for flag in (["--epochs", "5"], ["--lr", "0.1"], ["--strategy", "linear"], ["--image-size", "96"]):
         assert main(["classify", "train", "--out", str(baseline), "--resume", *flag]) == 2

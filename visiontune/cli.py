@@ -10,6 +10,8 @@ import dataclasses
 import json
 import logging
 import sys
+import warnings
+from pathlib import Path
 
 from .config import ClassifyConfig, DetectConfig, from_dict, load_yaml
 from .errors import UserError
@@ -52,10 +54,19 @@ def _settings(args: argparse.Namespace, cls) -> dict:
     """The settings the user gave: ``--config`` file values (type-checked), then flags."""
     values = {}
     if getattr(args, "config", None):
-        values.update(_checked_types(load_yaml(args.config), cls, args.config))
+        values.update(_checked_types(_read_config(args.config), cls, args.config))
     names = {f.name for f in dataclasses.fields(cls)}
     values.update({k: v for k, v in vars(args).items() if k in names})
     return values
+
+
+def _read_config(path: str) -> dict:
+    if Path(path).is_dir():
+        raise UserError(f"--config: {path}: is a directory, expected a YAML file")
+    try:
+        return load_yaml(path)
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"--config: {path}: cannot read it as YAML text ({getattr(e, 'strerror', None) or type(e).__name__})") from None
 
 
 def _config_from(args: argparse.Namespace, cls):
@@ -202,6 +213,8 @@ def _export(args):
 
 def main(argv: list[str] | None = None) -> int:
     verbose = "--verbose" in (argv if argv is not None else sys.argv[1:])
+    if not verbose:  # library warnings are for developers; a user's problem is one line (--verbose shows them)
+        warnings.simplefilter("ignore")
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="visiontune: %(levelname)s: %(message)s")
     try:
         args = build_parser().parse_args(argv)

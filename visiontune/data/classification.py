@@ -86,9 +86,13 @@ def split_stratified(samples: Samples, fraction: float, seed: int) -> tuple[Samp
 
 def find_splits(data: str | Path, val_data: str | Path | None = None, val_split: float | None = None, seed: int = 0) -> tuple[Samples, Samples]:
     """The train and validation samples for a classification run, with the same classes in both."""
+    if data is None or not str(data).strip():
+        raise UserError("--data: required: a folder with train/ and val/ class folders, or class folders and --val-split")
     data = Path(data)
     if not data.exists():
         raise UserError(f"--data: {data}: no such directory")
+    if not data.is_dir():
+        raise UserError(f"--data: {data}: not a directory")
     has_tutorial_layout = (data / "train").is_dir() and (data / "val").is_dir()
     if val_data is not None:
         train, val = scan_folder(data / "train" if has_tutorial_layout else data), scan_folder(val_data, "--val-data")

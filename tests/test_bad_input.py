@@ -1,0 +1,536 @@
+"""Bad input, tried systematically: every kind ends with exit code 2, one line on stderr naming the problem,
+no traceback, and an earlier run in --out untouched (even with --overwrite: nothing is replaced before the
+inputs are known good).
+
+Each case builds its own broken input in a fresh folder and runs the CLI in this process (warnings and log
+warnings count as stderr lines, as they would be in a terminal); a few run as real subprocesses too.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from conftest import make_class_folders, make_image
+from visiontune import checkpoint as ckpt
+from visiontune.cli import main
+
+TINY = ["--model", "timm:test_efficientnet", "--weights", "none", "--image-size", "64", "--epochs", "1", "--quiet"]
+
+
+class WritesAFile:
+    """Unpickling this writes ``path``: the payload of a hostile model file."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.write_text, (self.path, "pwned"))
+
+
+@pytest.fixture
+def earlier_run(tmp_path) -> Path:
+    """An earlier run's directory (world-writable, so the unprivileged cases can reach it too)."""
+    run = tmp_path / "earlier"
+    run.mkdir()
+    (run / "config.yaml").write_text("data: somewhere\n")
+    (run / "model.safetensors").write_bytes(b"the earlier model" * 100)
+    (run / "metrics.json").write_text('{"best_val_accuracy": 0.9}\n')
+    for p in (tmp_path, run):
+        p.chmod(0o777)
+    return run
+
+
+def snapshot(run: Path) -> dict:
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(run.iterdir())}
+
+
+def model_file(path: Path, classes=("blue", "red")) -> Path:
+    """A classification model file as training writes it (random weights of a tiny timm model)."""
+    from visiontune.models.backbones import build_backbone
+    from visiontune.models.classifier import Classifier
+
+    torch.manual_seed(0)
+    model = Classifier(build_backbone("timm:test_efficientnet", "none"), len(classes))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ckpt.save_model(path, model, {"task": "classification", "model": "timm:test_efficientnet", "classes": list(classes), "head": "linear",
+                                  "bank_size": 1, "preprocessing": {"mean": [0.5] * 3, "std": [0.5] * 3, "input_size": 64, "resize_size": 73}})
+    return path
+
+
+@contextmanager
+def unprivileged():
+    """Run as user nobody when we are root (root reads any file, whatever its mode)."""
+    if os.geteuid() != 0:
+        yield
+        return
+    os.setegid(65534)
+    os.seteuid(65534)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
+
+
+# --------------------------------------------------------------------------------------------- the cases
+# Each builds its input under ``t`` (a fresh folder) and returns (argv, text the error line must contain).
+# ``out`` is the earlier run; training cases pass --overwrite to prove it is still not touched.
+
+def train(data, out, *extra):
+    return ["classify", "train", "--data", str(data), "--out", str(out), "--overwrite", *TINY, *extra]
+
+
+def folders(t: Path, **kw) -> Path:
+    return make_class_folders(t / "data", per_class=3, **kw)
+
+
+def case_missing_data(t, out):
+    return train(t / "nowhere", out), "nowhere: no such directory"
+
+
+def case_data_not_given(t, out):
+    return ["classify", "train", "--out", str(out), "--overwrite", *TINY], "--data: required"
+
+
+def case_data_is_a_file(t, out):
+    (t / "images.zip").write_bytes(b"PK")
+    return train(t / "images.zip", out), "images.zip: not a directory"
+
+
+def case_no_class_folders(t, out):
+    (t / "data" / "train").mkdir(parents=True)
+    (t / "data" / "val").mkdir()
+    return train(t / "data", out), "no class folders"
+
+
+def case_empty_class(t, out):
+    data = folders(t)
+    for f in (data / "train" / "red").iterdir():
+        f.unlink()
+    return train(data, out), "red has no images"
+
+
+def case_class_of_non_images(t, out):
+    data = folders(t)
+    shutil.rmtree(data / "val" / "blue")
+    (data / "val" / "blue").mkdir()
+    (data / "val" / "blue" / "notes.txt").write_text("no pictures here")
+    return train(data, out), "blue has no images"
+
+
+def case_one_class(t, out):
+    return train(folders(t, classes=("red",)), out), "only one class"
+
+
+def case_train_val_classes_differ(t, out):
+    data = folders(t)
+    (data / "val" / "blue").rename(data / "val" / "green")
+    return train(data, out), "only in train: ['blue']"
+
+
+def case_no_train_val_and_no_split(t, out):
+    data = folders(t, splits=("",))
+    return train(data, out), "--val-split"
+
+
+def case_val_split_too_few(t, out):
+    data = make_class_folders(t / "data", per_class=1, splits=("",))
+    return train(data, out, "--val-split", "0.5"), "too few to split"
+
+
+def case_missing_val_data(t, out):
+    return train(folders(t), out, "--val-data", str(t / "nope")), "--val-data"
+
+
+def case_corrupt_image(t, out):
+    data = folders(t)
+    (data / "train" / "red" / "red_1.png").write_bytes(os.urandom(2000))
+    return train(data, out), "red_1.png"
+
+
+def case_truncated_png(t, out):
+    data = folders(t)
+    p = make_image(data / "train" / "blue" / "big.png", (0, 0, 200), size=(256, 256))
+    p.write_bytes(p.read_bytes()[:3000])
+    return train(data, out), "big.png: corrupt or truncated"
+
+
+def case_truncated_jpeg(t, out):
+    data = folders(t)
+    p = data / "val" / "red" / "photo.jpg"
+    Image.new("RGB", (256, 256), (200, 0, 0)).save(p, quality=90)
+    p.write_bytes(p.read_bytes()[:400])
+    return train(data, out), "photo.jpg"
+
+
+def case_zero_byte_image(t, out):
+    data = folders(t)
+    (data / "train" / "red" / "empty.jpg").write_bytes(b"")
+    return train(data, out), "empty.jpg"
+
+
+def case_text_with_image_extension(t, out):
+    data = folders(t)
+    (data / "train" / "blue" / "readme.png").write_text("this is not a picture")
+    return train(data, out), "readme.png: not an image"
+
+
+def case_decompression_bomb(t, out):
+    data = folders(t)
+    Image.new("1", (9000, 9000)).save(data / "train" / "red" / "bomb.png")
+    return train(data, out), "bomb.png"
+
+
+def case_unreadable_image(t, out):
+    data = folders(t)
+    (data / "train" / "red" / "red_0.png").chmod(0)
+    return train(data, out), "red_0.png: permission denied"
+
+
+def case_unknown_model(t, out):
+    return train(folders(t), out, "--model", "efficientnet_lite9"), "did you mean"
+
+
+def case_unknown_timm_model(t, out):
+    return train(folders(t), out, "--model", "timm:resnet_does_not_exist"), "timm has no model"
+
+
+def case_unknown_strategy(t, out):
+    return train(folders(t), out, "--strategy", "everything"), "--strategy"
+
+
+def case_unknown_head(t, out):
+    return train(folders(t), out, "--head", "forest"), "--head"
+
+
+def case_unknown_recipe(t, out):
+    return train(folders(t), out, "--recipe", "grandma"), "--recipe"
+
+
+def case_unknown_device(t, out):
+    return train(folders(t), out, "--device", "tpu"), "--device"
+
+
+def case_unknown_flag(t, out):
+    return train(folders(t), out, "--epochz", "3"), "--epochz"
+
+
+def case_unknown_stage(t, out):
+    return train(folders(t), out, "--strategy", "partial", "--freeze-until", "blocks.99"), "--freeze-until"
+
+
+def case_too_many_trainable_stages(t, out):
+    return train(folders(t), out, "--strategy", "partial", "--trainable-stages", "99"), "--trainable-stages"
+
+
+def case_sklearn_head_with_full(t, out):
+    return train(folders(t), out, "--strategy", "full", "--head", "svm"), "--head svm"
+
+
+def case_zero_epochs(t, out):
+    return train(folders(t), out, "--epochs", "0"), "--epochs"
+
+
+def case_negative_epochs(t, out):
+    return train(folders(t), out, "--epochs", "-3"), "--epochs"
+
+
+def case_zero_batch_size(t, out):
+    return train(folders(t), out, "--batch-size", "0"), "--batch-size"
+
+
+def case_negative_lr(t, out):
+    return train(folders(t), out, "--lr", "-0.1"), "--lr"
+
+
+def case_lr_not_a_number(t, out):
+    return train(folders(t), out, "--lr", "fast"), "--lr"
+
+
+def case_val_split_out_of_range(t, out):
+    return train(folders(t), out, "--val-split", "1.5"), "--val-split"
+
+
+def case_tiny_image_size(t, out):
+    return train(folders(t), out, "--image-size", "8"), "--image-size"
+
+
+def case_negative_workers(t, out):
+    return train(folders(t), out, "--workers", "-1"), "--workers"
+
+
+def case_out_is_a_file(t, out):
+    (t / "run.txt").write_text("x")
+    return ["classify", "train", "--data", str(folders(t)), "--out", str(t / "run.txt"), *TINY], "not a directory"
+
+
+def case_out_not_writable(t, out):
+    return ["classify", "train", "--data", str(folders(t)), "--out", "/proc/visiontune-run", *TINY], "--out: cannot write"
+
+
+def case_existing_run_without_overwrite(t, out):
+    return ["classify", "train", "--data", str(folders(t)), "--out", str(out), *TINY], "--overwrite"
+
+
+def case_weights_missing(t, out):
+    return train(folders(t), out, "--weights", str(t / "none.pth")), "none.pth: no such file"
+
+
+def case_weights_directory(t, out):
+    (t / "weights").mkdir()
+    return train(folders(t), out, "--weights", str(t / "weights")), "is a directory"
+
+
+def case_weights_zero_byte(t, out):
+    (t / "w.safetensors").write_bytes(b"")
+    return train(folders(t), out, "--weights", str(t / "w.safetensors")), "w.safetensors: cannot read weights"
+
+
+def case_weights_truncated(t, out):
+    save_file({"w": torch.zeros(1000)}, str(t / "w.safetensors"))
+    (t / "w.safetensors").write_bytes((t / "w.safetensors").read_bytes()[:2000])
+    return train(folders(t), out, "--weights", str(t / "w.safetensors")), "w.safetensors: cannot read weights"
+
+
+def case_weights_random_bytes(t, out):
+    (t / "w.pth").write_bytes(os.urandom(4096))
+    return train(folders(t), out, "--weights", str(t / "w.pth")), "w.pth: cannot read weights"
+
+
+def case_weights_other_architecture(t, out):
+    save_file({"fc.weight": torch.zeros(10, 5), "conv.weight": torch.zeros(3, 3, 3, 3)}, str(t / "other.safetensors"))
+    return train(folders(t), out, "--weights", str(t / "other.safetensors")), "do not match this architecture"
+
+
+def case_weights_not_tensors(t, out):
+    torch.save({"epoch": 3, "note": "a training log, not weights"}, t / "log.pth")
+    return train(folders(t), out, "--weights", str(t / "log.pth")), "not a state dict of tensors"
+
+
+def case_config_malformed_yaml(t, out):
+    (t / "c.yaml").write_text("epochs: [3\nstrategy: full\n")
+    return ["classify", "train", "--config", str(t / "c.yaml"), "--out", str(out), "--overwrite"], "not valid YAML"
+
+
+def case_config_unknown_key(t, out):
+    (t / "c.yaml").write_text(f"data: {folders(t)}\nepocs: 3\n")
+    return ["classify", "train", "--config", str(t / "c.yaml"), "--out", str(out), "--overwrite"], "unknown setting(s) epocs"
+
+
+def case_config_wrong_type(t, out):
+    (t / "c.yaml").write_text(f"data: {folders(t)}\nepochs: three\n")
+    return ["classify", "train", "--config", str(t / "c.yaml"), "--out", str(out), "--overwrite"], "epochs: expected a whole number"
+
+
+def case_config_not_a_mapping(t, out):
+    (t / "c.yaml").write_text("- epochs\n- 3\n")
+    return ["classify", "train", "--config", str(t / "c.yaml"), "--out", str(out), "--overwrite"], "mapping"
+
+
+def case_config_missing(t, out):
+    return ["classify", "train", "--config", str(t / "c.yaml"), "--out", str(out), "--overwrite"], "c.yaml: no such file"
+
+
+def case_config_directory(t, out):
+    (t / "c.yaml").mkdir()
+    return ["classify", "train", "--config", str(t / "c.yaml"), "--out", str(out), "--overwrite"], "is a directory"
+
+
+def case_config_binary(t, out):
+    Image.new("RGB", (8, 8)).save(t / "c.yaml", format="PNG")
+    return ["classify", "train", "--config", str(t / "c.yaml"), "--out", str(out), "--overwrite"], "c.yaml"
+
+
+def case_config_unreadable(t, out):
+    (t / "c.yaml").write_text("epochs: 3\n")
+    (t / "c.yaml").chmod(0)
+    return ["classify", "train", "--config", str(t / "c.yaml"), "--out", str(out), "--overwrite"], "c.yaml"
+
+
+def case_config_python_object(t, out):
+    (t / "c.yaml").write_text(f"epochs: !!python/object/apply:pathlib.Path.touch [!!python/object/apply:pathlib.Path ['{t / 'pwned'}']]\n")
+    return ["classify", "train", "--config", str(t / "c.yaml"), "--out", str(out), "--overwrite"], "not valid YAML"
+
+
+def case_resume_not_a_run(t, out):
+    (t / "empty").mkdir()
+    return ["classify", "train", "--out", str(t / "empty"), "--resume"], "nothing to resume"
+
+
+def case_predict_missing_run(t, out):
+    return ["classify", "predict", str(t / "norun"), str(t)], "no model file"
+
+
+def case_predict_truncated_model(t, out):
+    p = model_file(t / "run" / "model.safetensors")
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    make_image(t / "img.png", (200, 0, 0))
+    return ["classify", "predict", str(t / "run"), str(t / "img.png")], "truncated or corrupt"
+
+
+def case_predict_altered_weights(t, out):
+    p = model_file(t / "run" / "model.safetensors")
+    data = bytearray(p.read_bytes())
+    data[-8] ^= 0xFF  # one flipped byte in the last tensor
+    p.write_bytes(bytes(data))
+    make_image(t / "img.png", (200, 0, 0))
+    return ["classify", "predict", str(t / "run"), str(t / "img.png")], "checksum mismatch"
+
+
+def case_predict_foreign_safetensors(t, out):
+    save_file({"w": torch.zeros(3)}, str(t / "model.safetensors"))
+    make_image(t / "img.png", (200, 0, 0))
+    return ["classify", "predict", str(t / "model.safetensors"), str(t / "img.png")], "not a visiontune file"
+
+
+def case_predict_corrupt_image(t, out):
+    model_file(t / "run" / "model.safetensors")
+    (t / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really")
+    return ["classify", "predict", str(t / "run"), str(t / "broken.jpg")], "broken.jpg"
+
+
+def case_predict_missing_image(t, out):
+    model_file(t / "run" / "model.safetensors")
+    return ["classify", "predict", str(t / "run"), str(t / "gone.jpg")], "gone.jpg: no such file"
+
+
+def case_predict_zero_topk(t, out):
+    model_file(t / "run" / "model.safetensors")
+    make_image(t / "img.png", (200, 0, 0))
+    return ["classify", "predict", str(t / "run"), str(t / "img.png"), "--topk", "0"], "--topk"
+
+
+def case_eval_unknown_classes(t, out):
+    model_file(t / "run" / "model.safetensors")
+    data = make_class_folders(t / "data", classes=("red", "green"), per_class=2, splits=("val",))
+    return ["classify", "eval", str(t / "run"), "--data", str(data)], "green"
+
+
+def case_coco_file_name_escapes_root(t, out):
+    pytest.importorskip("visiontune.data.coco")
+    root = t / "images"
+    make_image(root / "a.png", (1, 2, 3))
+    make_image(t / "secret.png", (1, 2, 3))
+    (t / "ann.json").write_text('{"images": [{"id": 1, "file_name": "../secret.png"}], "annotations": [], '
+                                '"categories": [{"id": 1, "name": "thing"}]}')
+    return (["detect", "train", "--format", "coco", "--data", str(root), "--annotations", str(t / "ann.json"), "--out", str(out),
+             "--overwrite", "--quiet"], "escapes the image root")
+
+
+def case_coco_absolute_file_name(t, out):
+    pytest.importorskip("visiontune.data.coco")
+    root = t / "images"
+    make_image(root / "a.png", (1, 2, 3))
+    (t / "ann.json").write_text('{"images": [{"id": 1, "file_name": "/etc/hostname"}], "annotations": [], '
+                                '"categories": [{"id": 1, "name": "thing"}]}')
+    return (["detect", "train", "--format", "coco", "--data", str(root), "--annotations", str(t / "ann.json"), "--out", str(out),
+             "--overwrite", "--quiet"], "escapes the image root")
+
+
+CASES = {name[5:]: fn for name, fn in sorted(globals().items()) if name.startswith("case_")}
+UNPRIVILEGED = {"unreadable_image", "config_unreadable"}
+
+
+def run_main(argv: list[str], capsys, caplog) -> tuple[int, list[str]]:
+    """Exit code, and every line a terminal would show on stderr (log and Python warnings included)."""
+    capsys.readouterr()
+    caplog.clear()
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
+        warnings.simplefilter("always")
+        rc = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    return rc, err + [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] + [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize("kind", sorted(CASES))
+def test_bad_input_exits_2_with_one_line_and_touches_nothing(kind, tmp_path, earlier_run, capsys, caplog):
+    unprivileged_case = kind in UNPRIVILEGED
+    if unprivileged_case:  # everything where user nobody can reach it
+        base = Path(tempfile.mkdtemp(prefix="visiontune-bad-input-"))
+        base.chmod(0o777)
+        earlier_run = Path(shutil.copytree(earlier_run, base / "earlier"))
+    else:
+        base = tmp_path
+    t = base / "input"
+    t.mkdir()
+    argv, expected = CASES[kind](t, earlier_run)
+    before = snapshot(earlier_run)
+    try:
+        if unprivileged_case:
+            for p in [*t.rglob("*"), *earlier_run.rglob("*"), earlier_run, t]:
+                p.chmod(0o777 if p.is_dir() else 0o666)
+            for p in t.rglob("*"):
+                if p.name in ("red_0.png", "c.yaml"):
+                    p.chmod(0)
+            with unprivileged():
+                rc, lines = run_main(argv, capsys, caplog)
+        else:
+            rc, lines = run_main(argv, capsys, caplog)
+        assert rc == 2, (kind, lines)
+        assert len(lines) == 1, (kind, lines)
+        assert lines[0].startswith("visiontune: error: ") and "Traceback" not in lines[0], lines
+        assert expected in lines[0], (kind, expected, lines[0])
+        assert snapshot(earlier_run) == before, f"{kind}: the earlier run was changed"
+        assert not (t / "pwned").exists()
+    finally:
+        if unprivileged_case:
+            shutil.rmtree(base)
+
+
+def test_there_are_at_least_25_kinds():
+    assert len(CASES) >= 25
+
+
+# --------------------------------------------------------------------------------------------- hostile files
+
+@pytest.fixture
+def hostile_pickles(tmp_path) -> tuple[list[Path], Path]:
+    """Model files whose unpickling writes ``marker``: a plain pickle and torch.save's zip format."""
+    marker = tmp_path / "pwned.txt"
+    legacy = tmp_path / "evil.pth"
+    legacy.write_bytes(pickle.dumps({"state_dict": WritesAFile(marker)}))
+    zipped = tmp_path / "evil_zip.pt"
+    torch.save({"weight": WritesAFile(marker)}, zipped)
+    pickle.loads(legacy.read_bytes())  # the payload is live: loading it the unsafe way writes the file
+    assert marker.exists()
+    marker.unlink()
+    return [legacy, zipped], marker
+
+
+def run_cli(args: list[str]) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", VISIONTUNE_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "visiontune", *args], env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_hostile_pickle_is_never_unpickled(hostile_pickles, tmp_path, tiny_folders, earlier_run, capsys, caplog):
+    """As --weights and as the model for predict: refused with one line, and the payload never runs."""
+    files, marker = hostile_pickles
+    run = tmp_path / "run_dir"
+    run.mkdir()
+    shutil.copy(files[0], run / "model.safetensors")  # a pickle posing as a model file
+    before = snapshot(earlier_run)
+    image = next((tiny_folders / "val" / "red").iterdir())
+    for args in (train(tiny_folders, earlier_run, "--weights", str(files[1])),
+                 ["classify", "predict", str(files[0]), str(image)],
+                 ["classify", "predict", str(run), str(image)]):
+        rc, lines = run_main(args, capsys, caplog)
+        assert rc == 2 and len(lines) == 1 and lines[0].startswith("visiontune: error:"), (args, lines)
+        assert not marker.exists()
+    # and in a real process, where stderr also gets whatever torch prints
+    r = run_cli(train(tiny_folders, earlier_run, "--weights", str(files[0])))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "evil.pth: cannot read weights" in r.stderr, r.stderr
+    assert not marker.exists()
+    assert snapshot(earlier_run) == before
