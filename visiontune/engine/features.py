@@ -3,20 +3,37 @@
 With the base frozen, each epoch of the tutorial's loop recomputes the same convolutions. Here each
 training image is augmented ``views`` times, once, and its features kept; the head then trains for
 many passes over those features in seconds. Validation images get one center-crop view.
+
+The features are also kept on disk (``cached_extract``), so a second run on the same images (another
+head, another learning rate) skips the backbone entirely. A cache file is named by a hash of everything
+its contents depend on: the backbone's name and weights (a SHA-256 of its tensors, whatever file they
+came from), the preprocessing, the number of views and the augmentation seed, and each image's path,
+size and modification time. Change any of them and the name changes. The file also carries a SHA-256
+of its tensors: a corrupt or half-written file fails the check and is rebuilt, never used.
 """
 from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ..checkpoint import atomic_write, weights_digest
 from ..data.classification import DecodedImages
+
+log = logging.getLogger("visiontune")
+CACHE_FORMAT = "visiontune-features/1"
 
 
 @torch.no_grad()
 def extract(backbone: nn.Module, dataset: DecodedImages, views: int = 1, batch_size: int = 32, seed: int = 0,
-            channels_last: bool = True, desc: str = "features", progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features of ``views`` passes over ``dataset`` (its transform may be random): (views*N, F), (views*N,)."""
+            channels_last: bool = True, bf16: bool = False, desc: str = "features", progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features of ``views`` passes over ``dataset`` (its transform may be random): (views*N, F), (views*N,) in float32."""
     from tqdm import tqdm
 
     backbone.eval()
@@ -30,11 +47,102 @@ def extract(backbone: nn.Module, dataset: DecodedImages, views: int = 1, batch_s
             for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0):
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
-                feats.append(backbone(x).float())
+                with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+                    feats.append(backbone(x).float())
                 labels.append(torch.as_tensor(y))
                 bar.update(len(y))
     return torch.cat(feats), torch.cat(labels)
 
+
+# --------------------------------------------------------------------------------------------- on-disk cache
+
+def default_cache_dir() -> Path:
+    """``$VISIONTUNE_CACHE``, else ``$XDG_CACHE_HOME/visiontune/features`` (``~/.cache/visiontune/features``)."""
+    if os.environ.get("VISIONTUNE_CACHE"):
+        return Path(os.environ["VISIONTUNE_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "visiontune" / "features"
+
+
+def file_fingerprints(paths: list[str | Path]) -> list[list]:
+    """[absolute path, size, mtime in ns] per image: a changed or replaced file changes the key."""
+    out = []
+    for p in paths:
+        st = os.stat(p)
+        out.append([str(Path(p).resolve()), st.st_size, st.st_mtime_ns])
+    return out
+
+
+def cache_key(backbone_name: str, backbone: nn.Module, preprocessing: str, views: int, seed: int,
+              paths: list[str | Path], bf16: bool = False) -> dict:
+    """Everything the cached features depend on, as plain JSON."""
+    return {
+        "format": CACHE_FORMAT, "backbone": backbone_name, "weights_sha256": weights_digest(backbone.state_dict()),
+        "preprocessing": preprocessing, "views": views, "seed": seed, "bf16": bf16, "files": file_fingerprints(paths),
+    }
+
+
+def cache_path(cache_dir: str | Path, key: dict) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    safe_name = "".join(c if c.isalnum() or c in "-_" else "_" for c in key["backbone"])
+    return Path(cache_dir) / f"{safe_name}-{digest}.safetensors"
+
+
+def save_features(path: Path, key: dict, feats: torch.Tensor, labels: torch.Tensor) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {"features": feats.contiguous(), "labels": labels.contiguous()}
+    meta = {"key": json.dumps(key, sort_keys=True), "sha256": weights_digest(tensors)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def load_features(path: Path, key: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The cached (features, labels), or None when the file is missing, unreadable, for another key, or corrupt."""
+    if not path.is_file():
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as e:  # noqa: BLE001 - truncated or garbled: rebuild it
+        log.warning("feature cache %s is unreadable (%s); rebuilding it", path, str(e).splitlines()[0][:100] if str(e) else type(e).__name__)
+        return None
+    if meta.get("key") != json.dumps(key, sort_keys=True) or set(tensors) != {"features", "labels"}:
+        log.warning("feature cache %s belongs to other inputs; rebuilding it", path)
+        return None
+    if meta.get("sha256") != weights_digest(tensors):
+        log.warning("feature cache %s failed its checksum (corrupt); rebuilding it", path)
+        return None
+    return tensors["features"], tensors["labels"]
+
+
+def cached_extract(backbone_name: str, backbone: nn.Module, dataset: DecodedImages, paths: list[str | Path],
+                   preprocessing: str, views: int = 1, seed: int = 0, cache_dir: str | Path | None = None,
+                   bf16: bool = False, desc: str = "features", progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``extract`` through the on-disk cache: reuse the features when every input is unchanged, else compute and store.
+
+    ``paths`` are the files behind ``dataset``'s images, in order; ``preprocessing`` describes how they became
+    tensors (decode size and the transform). ``cache_dir="none"`` turns the disk cache off.
+    """
+    if str(cache_dir).lower() == "none":
+        return extract(backbone, dataset, views, seed=seed, bf16=bf16, desc=desc, progress=progress)
+    key = cache_key(backbone_name, backbone, preprocessing, views, seed, paths, bf16)
+    path = cache_path(cache_dir or default_cache_dir(), key)
+    hit = load_features(path, key)
+    if hit is not None:
+        log.info("features from cache %s", path)
+        return hit
+    feats, labels = extract(backbone, dataset, views, seed=seed, bf16=bf16, desc=desc, progress=progress)
+    try:
+        save_features(path, key, feats, labels)
+    except OSError as e:  # a read-only or full disk costs speed next time, never this run
+        log.warning("could not write the feature cache %s (%s)", path, e.strerror or e)
+    return feats, labels
+
+
+# --------------------------------------------------------------------------------------------- heads
 
 def fit_sklearn_head(kind: str, head: nn.Module, feats: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> None:
     """Fit logistic regression / linear SVM / kNN with scikit-learn (or torch for kNN) and copy into ``head``."""

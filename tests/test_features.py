@@ -1,0 +1,138 @@
+"""The on-disk feature cache: reused when nothing changed, rebuilt when any input changed or the file is corrupt."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from visiontune.cli import main
+from visiontune.data.classification import DecodedImages, decode_all, scan_folder
+from visiontune.data.transforms import classification_train
+from visiontune.engine import features as F
+
+from conftest import make_class_folders
+
+PREP = "decode 40; train transform"
+
+
+class TinyBackbone(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x):
+        return self.pool(self.conv(x)).flatten(1)
+
+
+@pytest.fixture
+def setup(tmp_path, monkeypatch):
+    """Images on disk, a random-augmenting dataset over them, a tiny backbone, and a counter of real extractions."""
+    root = make_class_folders(tmp_path / "data", per_class=3, splits=("train",)) / "train"
+    samples = scan_folder(root)
+    images, labels, _ = decode_all(samples, 40)
+    ds = DecodedImages(images, labels, classification_train(32, (0.5,) * 3, (0.5,) * 3, 0.25))
+    paths = [p for p, _ in samples.items]
+    calls = []
+    real_extract = F.extract
+    monkeypatch.setattr(F, "extract", lambda *a, **k: calls.append(1) or real_extract(*a, **k))
+
+    def run(backbone=None, name="tiny", prep=PREP, views=2, seed=0):
+        return F.cached_extract(name, backbone or TinyBackbone(), ds, paths, prep, views, seed, tmp_path / "cache", progress=False)
+
+    run.dataset, run.paths = ds, paths
+    return run, calls, paths, tmp_path / "cache"
+
+
+def test_features_are_reused_across_runs(setup):
+    run, calls, _, cache = setup
+    feats, labels = run()
+    assert len(calls) == 1 and feats.shape == (12, 8) and labels.tolist() == [0] * 3 + [1] * 3 + [0] * 3 + [1] * 3
+    again, labels2 = run()  # a new run: a new backbone object with the same weights
+    assert len(calls) == 1, "the second run recomputed instead of reading the cache"
+    assert torch.equal(again, feats) and torch.equal(labels2, labels)
+    assert len(list(cache.glob("*.safetensors"))) == 1
+
+
+@pytest.mark.parametrize("change", ["mtime", "size", "views", "seed", "preprocessing", "weights", "backbone"])
+def test_any_changed_input_invalidates_the_cache(setup, change):
+    run, calls, paths, _ = setup
+    run()
+    kwargs = {}
+    if change == "mtime":
+        st = os.stat(paths[0])
+        os.utime(paths[0], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    elif change == "size":
+        with open(paths[1], "ab") as f:
+            f.write(b"\0")
+    elif change == "views":
+        kwargs["views"] = 3
+    elif change == "seed":
+        kwargs["seed"] = 1
+    elif change == "preprocessing":
+        kwargs["prep"] = "decode 48; train transform"
+    elif change == "weights":
+        bb = TinyBackbone()
+        with torch.no_grad():
+            bb.conv.bias[0] += 1e-3
+        kwargs["backbone"] = bb
+    elif change == "backbone":
+        kwargs["name"] = "other"
+    feats, _ = run(**kwargs)
+    assert len(calls) == 2, f"changed {change} but the cache was used"
+    assert feats.shape[0] == 6 * kwargs.get("views", 2)
+
+
+@pytest.mark.parametrize("damage", ["flip_data_byte", "truncate", "garbage", "other_key"])
+def test_corrupt_cache_is_detected_and_rebuilt(setup, damage, caplog):
+    run, calls, _, cache = setup
+    good, _ = run()
+    [path] = cache.glob("*.safetensors")
+    raw = bytearray(path.read_bytes())
+    if damage == "flip_data_byte":  # inside the tensor data at the end: the file still parses, the checksum catches it
+        raw[-5] ^= 0xFF
+    elif damage == "truncate":
+        raw = raw[: len(raw) // 2]
+    elif damage == "garbage":
+        raw = bytearray(b"not a safetensors file")
+    if damage == "other_key":  # another cache file copied over this name
+        F.save_features(path, {"format": F.CACHE_FORMAT, "backbone": "x"}, torch.zeros(12, 8), torch.zeros(12, dtype=torch.long))
+    else:
+        path.write_bytes(bytes(raw))
+    with caplog.at_level(logging.WARNING, logger="visiontune"):
+        feats, _ = run()
+    assert len(calls) == 2, f"{damage}: the damaged cache was used"
+    assert torch.equal(feats, good)
+    assert str(path) in caplog.text and "rebuilding" in caplog.text
+    assert F.load_features(path, json.loads(json.dumps(F.cache_key("tiny", TinyBackbone(), PREP, 2, 0, setup[2])))) is not None
+
+
+def test_unwritable_cache_dir_costs_only_speed(setup, tmp_path, caplog):
+    run, calls, _, _ = setup
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with caplog.at_level(logging.WARNING, logger="visiontune"):
+        feats, _ = F.cached_extract("tiny", TinyBackbone(), run.dataset, run.paths, PREP, 1, 0, blocker / "cache", progress=False)
+    assert feats.shape == (6, 8) and "could not write the feature cache" in caplog.text
+
+
+def test_training_runs_share_the_cache(tmp_path, monkeypatch):
+    """Two linear runs on the same images: the second reads the features and learns the same head."""
+    data = make_class_folders(tmp_path / "data", per_class=4)
+    args = ["classify", "train", "--data", str(data), "--image-size", "64", "--quiet", "--views", "2", "--epochs", "5",
+            "--cache-dir", str(tmp_path / "cache")]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2  # train and val
+
+    def no_extract(*a, **k):
+        raise AssertionError("features were recomputed although nothing changed")
+
+    monkeypatch.setattr(F, "extract", no_extract)
+    assert main([*args, "--out", str(tmp_path / "b")]) == 0
+    a, b = (json.loads((tmp_path / r / "metrics.json").read_text()) for r in ("a", "b"))
+    assert a["best_val_accuracy"] == b["best_val_accuracy"] >= 0.9
