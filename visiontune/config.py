@@ -39,8 +39,9 @@ class ClassifyConfig:
     workers: int | None = None
     seed: int = 0
     device: str = "auto"
+    precision: str = "auto"  # auto: bf16 autocast where the hardware computes bf16 natively, else fp32; or bf16, fp32
     skip_bad: bool = False
-    cache_dir: str | None = None
+    cache_dir: str | None = None  # feature cache; default ~/.cache/visiontune/features; "none": off
     checkpoint_every: int = 0  # also save `last` every N steps (0: each epoch only)
     quiet: bool = False
     tensorboard: bool = False
@@ -61,6 +62,8 @@ class ClassifyConfig:
         _check_range("--image-size", self.image_size, 32, 2048)
         _check_range("--views", self.views, 1, 100)
         _check_range("--workers", self.workers, 0, 64)
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise UserError(f"--precision: unknown precision {self.precision!r}; choose auto, bf16 or fp32")
         _check_range("--trainable-stages", self.trainable_stages, 0, 1000)
         _check_range("--checkpoint-every", self.checkpoint_every, 0, 10**9)
         if self.val_split is not None and not 0.0 < self.val_split < 1.0:

@@ -31,7 +31,7 @@ from ..runs import (Interrupted, append_jsonl, check_out_dir, check_same_setting
                     write_json, write_jsonl)
 from . import distributed
 from .evaluate import classification_metrics, predict_logits
-from .features import extract, fit_sklearn_head
+from .features import cached_extract, fit_sklearn_head
 from .recipes import Recipe, recipe_for
 
 log = logging.getLogger("visiontune")
@@ -46,6 +46,15 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """bf16 autocast: asked for, or "auto" on hardware with native bf16 math (measured 1.5-2.5x faster on an AVX512-BF16 CPU)."""
+    if precision != "auto":
+        return precision == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def select_device(name: str) -> torch.device:
@@ -141,7 +150,7 @@ def epoch_loader(dataset, batch_size: int, seed: int, epoch: int, workers: int) 
 
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer, scheduler, loss_fn, device: torch.device,
                     epoch: int, progress: bool, channels_last: bool = True, start_step: int = 0, totals: dict | None = None,
-                    after_step=None) -> dict:
+                    after_step=None, bf16: bool = False) -> dict:
     """One pass over ``loader``. Resuming mid-epoch: ``loader`` lacks the first ``start_step`` batches and ``totals``
     holds their running sums. ``after_step(step, totals)`` runs after each step (checkpoints, Ctrl-C)."""
     from tqdm import tqdm
@@ -155,8 +164,9 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer, scheduler, 
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        logits = model(x)
-        loss = loss_fn(logits, y)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(x)
+            loss = loss_fn(logits.float(), y)
         if not torch.isfinite(loss):
             raise Diverged(f"training diverged: non-finite loss at epoch {epoch + 1}, step {step + 1}; the last good checkpoint is kept (try a lower --lr)")
         optimizer.zero_grad(set_to_none=True)
@@ -228,6 +238,7 @@ def fit(cfg: ClassifyConfig, resume: bool = False) -> dict:
         cfg = replace(cfg, strategy=advice.strategy, trainable_stages=cfg.trainable_stages or advice.trainable_stages)
     cfg, recipe = resolve_settings(cfg)
     device = distributed.init(select_device(cfg.device))
+    bf16 = use_bf16(cfg.precision, device)
     distributed.per_process_batch(cfg.batch_size)
     progress = not cfg.quiet and distributed.is_main()
     seed_everything(cfg.seed)
@@ -297,8 +308,10 @@ def fit(cfg: ClassifyConfig, resume: bool = False) -> dict:
     if cached_head_phase and not from_checkpoint:
         fault_point("features")
         strategies.apply(model, phases[0])
-        tr = distributed.computed_on_main(lambda: extract(model.backbone, train_ds, cfg.views, seed=cfg.seed, desc="features (train)", progress=progress))
-        va = distributed.computed_on_main(lambda: extract(model.backbone, val_ds, 1, desc="features (val)", progress=progress))
+        tr = distributed.computed_on_main(lambda: cached_extract(backbone.name, model.backbone, train_ds, [p for p, _ in train_s.items], f"decode {resize}; {train_ds.transform!r}",
+                            cfg.views, cfg.seed, cfg.cache_dir, bf16, desc="features (train)", progress=progress))
+        va = distributed.computed_on_main(lambda: cached_extract(backbone.name, model.backbone, val_ds, [p for p, _ in val_s.items], f"decode {resize}; {val_ds.transform!r}",
+                            1, 0, cfg.cache_dir, bf16, desc="features (val)", progress=progress))
         if cfg.strategy == "linear":
             train_head_on_features(model, cfg, recipe, tr, va, cfg.epochs, cfg.lr,
                                    lambda p, stats, logits: record(p, "linear (cached features)", stats, logits))
@@ -371,13 +384,14 @@ def fit(cfg: ClassifyConfig, resume: bool = False) -> dict:
                 torch.manual_seed(cfg.seed * 100_003 + epoch)  # random draws (dropout): a function of (seed, epoch) alone
             stats = train_one_epoch(distributed.for_training(model, device), loader, optimizer, scheduler, loss_fn, device, epoch,
                                     progress, start_step=first_step, totals=epoch_totals,
-                                    after_step=lambda step, totals: after_step(epoch, step, totals))
+                                    after_step=lambda step, totals: after_step(epoch, step, totals), bf16=bf16)
             first_step, epoch_totals = 0, None
             stats = distributed.reduce_stats(stats)
             stats["lr"] = optimizer.param_groups[1]["lr"]
             fault_point("validate")
             distributed.broadcast_buffers(model)  # validate rank 0's model, one shard per process
-            logits = distributed.gather_cat(predict_logits(model, val_loader)[0])
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                logits = distributed.gather_cat(predict_logits(model, val_loader)[0])
             record(epoch, phase.name, stats, logits)
             save_last(epoch + 1)
             if stop.requested:
