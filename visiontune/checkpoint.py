@@ -79,10 +79,16 @@ def _load(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
             header = f.metadata() or {}
         tensors = load_file(str(p))
     except Exception as e:  # noqa: BLE001 - truncated or not a safetensors file
-        raise UserError(f"{p}: not a readable visiontune file (truncated or corrupt: {str(e).splitlines()[0][:120]})") from None
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        raise UserError(f"{p}: not a readable visiontune file (truncated or corrupt: {reason})") from None
     if META_KEY not in header:
         raise UserError(f"{p}: not a visiontune file (no visiontune metadata)")
-    meta = json.loads(header[META_KEY])
+    try:
+        meta = json.loads(header[META_KEY])
+    except json.JSONDecodeError:
+        meta = None
+    if not isinstance(meta, dict):
+        raise UserError(f"{p}: damaged visiontune metadata (not a JSON object); refusing to load")
     if weights_digest(tensors) != meta.get("weights_sha256"):
         raise UserError(f"{p}: checksum mismatch: the weights were altered or damaged; refusing to load")
     return tensors, meta
