@@ -191,6 +191,16 @@ def computed_on_main(compute: Callable[[], tuple[torch.Tensor, ...]]) -> tuple[t
     return tuple(out)
 
 
+def any_process(flag: bool) -> bool:
+    """True on every process when ``flag`` is true on any: Ctrl-C reaches the processes a step apart, and they must
+    all stop after the same step (one waiting for the others' gradients would hang)."""
+    if not is_distributed():
+        return flag
+    t = torch.tensor([int(flag)], device=_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def reduce_stats(stats: dict) -> dict:
     """Per-process training statistics made global: averaged over processes (each sees the same number of
     images per epoch), except throughputs (``*_per_second``), which add up, and times (``*_seconds``), the slowest.

@@ -334,6 +334,7 @@ def fit(cfg: ClassifyConfig, resume: bool = False) -> dict:
 
     def save_last(epoch: int, step: int = 0, totals: dict | None = None) -> None:
         """``last``: ``epoch`` epochs done and ``step`` batches of the next (with their running ``totals``)."""
+        totals = distributed.reduce_stats(totals) if totals else totals  # averaged: each process resumes from the mean
         if distributed.is_main():
             ckpt.save_training_state(last, model, optimizer, scheduler, {
                 "epoch": epoch, "step": step, "epoch_totals": totals, "best": state["best"], "best_epoch": state["best_epoch"],
@@ -368,9 +369,10 @@ def fit(cfg: ClassifyConfig, resume: bool = False) -> dict:
 
         def after_step(epoch: int, step: int, totals: dict) -> None:
             """Every step: a checkpoint every --checkpoint-every steps, and at once on Ctrl-C."""
-            if stop.requested or (cfg.checkpoint_every and (epoch * steps_per_epoch + step) % cfg.checkpoint_every == 0):
+            stopping = distributed.any_process(stop.requested)  # every process stops after the same step
+            if stopping or (cfg.checkpoint_every and (epoch * steps_per_epoch + step) % cfg.checkpoint_every == 0):
                 save_last(epoch, step, totals)
-            if stop.requested:
+            if stopping:
                 raise interrupted(epoch, step)
             fault_point("step")
 
@@ -394,7 +396,7 @@ def fit(cfg: ClassifyConfig, resume: bool = False) -> dict:
                 logits = distributed.gather_cat(predict_logits(model, val_loader)[0])
             record(epoch, phase.name, stats, logits)
             save_last(epoch + 1)
-            if stop.requested:
+            if distributed.any_process(stop.requested):
                 raise interrupted(epoch + 1, 0)
 
     fault_point("finish")
