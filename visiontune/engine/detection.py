@@ -233,7 +233,7 @@ def fit(cfg: DetectConfig, resume: bool = False) -> dict:
     if cfg.sync_bn:
         model = distributed.sync_batchnorm(model, device)
     meta = {"task": "detection", "model": model_name, "backbone": cfg.backbone, "neck": cfg.neck, "classes": data.classes,
-            "category_ids": data.category_ids, "masks": data.has_masks, "format": cfg.format, "min_size": cfg.min_size,
+            "category_ids": data.category_ids, "masks": data.has_masks, "data_format": cfg.format, "min_size": cfg.min_size,
             "max_size": cfg.max_size, "pretrained": getattr(model, "pretrained", "none")}
     optimizer = torch.optim.SGD(trainable_parameters(model), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     steps_per_epoch = len(distributed.split_batches(grouped_batches(train_ds, cfg.batch_size, torch.Generator())))
@@ -371,9 +371,9 @@ def load_detector(run: str | Path):
 def evaluate_run(run: str | Path, data: str, fmt: str | None = None, annotations: str | None = None) -> dict:
     """COCO bbox (and segm) AP/AP50/AP75, overall and per class, of a trained run on ``data``."""
     model, meta = load_detector(run)
-    instances = load_instances(fmt or meta["format"], data, annotations)
+    instances = load_instances(fmt or meta["data_format"], data, annotations)
     classes = meta["classes"]
-    if (fmt or meta["format"]) == "pennfudan":
+    if (fmt or meta["data_format"]) == "pennfudan":
         instances.classes = classes
     unknown = sorted(set(instances.classes) - set(classes))
     if unknown:

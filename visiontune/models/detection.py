@@ -53,7 +53,7 @@ def build_detector(model: str = "maskrcnn", num_classes: int = 2, *, backbone: s
             raise UserError(f"--backbone: {model} has its own backbone; use --model maskrcnn or fasterrcnn with --backbone {backbone}")
         return _torchvision_detector(model, num_classes, weights, trainable_backbone_layers, min_size, max_size)
     if model in CUSTOM_MODELS:
-        if weights is not None:
+        if weights not in (None, "none"):
             raise UserError(f"--weights: {model} on a registry backbone has no COCO weights; use --backbone-weights for the backbone")
         return _custom_detector(model, num_classes, backbone or DEFAULT_BACKBONE, backbone_weights, neck,
                                 trainable_backbone_layers, min_size, max_size)
@@ -140,18 +140,21 @@ def freeze_batch_norm(module: nn.Module) -> nn.Module:
     return freeze_batch_norm_2d(module)
 
 
-def probe_stages(bb: Backbone, probe_size: int = 128) -> list[tuple[str, str, int, int]]:
-    """(stage name, output node, stride, channels) of every feature stage, in forward order."""
-    from timm.models import create_feature_extractor
-
+def probe_stages(bb: Backbone, probe_size: int = 64) -> list[tuple[str, str, int, int]]:
+    """(stage name, output module, stride, channels) of every feature stage, in forward order (one small forward pass)."""
     stages = [(s, prefixes[-1]) for s, prefixes in bb.stages if s not in NON_FEATURE_STAGES]
-    probe = create_feature_extractor(bb.module, {node: node for _, node in stages})
+    shapes: dict[str, torch.Size] = {}
+    hooks = [bb.module.get_submodule(node).register_forward_hook(lambda _m, _i, out, node=node: shapes.__setitem__(node, out.shape))
+             for _, node in stages]
     was_training = bb.module.training
-    probe.eval()
-    with torch.no_grad():
-        out = probe(torch.zeros(1, 3, probe_size, probe_size))
-    bb.module.train(was_training)
-    return [(s, node, probe_size // out[node].shape[-1], out[node].shape[1]) for s, node in stages]
+    try:
+        with torch.no_grad():
+            bb.module.eval()(torch.zeros(1, 3, probe_size, probe_size))
+    finally:
+        for h in hooks:
+            h.remove()
+        bb.module.train(was_training)
+    return [(s, node, probe_size // shapes[node][-1], shapes[node][1]) for s, node in stages]
 
 
 def feature_stages(probed: list[tuple[str, str, int, int]], name: str) -> list[tuple[str, str, int, int]]:

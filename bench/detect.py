@@ -1,0 +1,154 @@
+"""Penn-Fudan Mask R-CNN benchmark; prints one JSON object.
+
+1. visiontune's run (embedded EfficientNet-Lite0 + FPN Mask R-CNN, --val-last 50): per-epoch bbox/segm AP and AP50
+   with wall time.
+2. Issue 4 side by side: seconds for one training epoch of visiontune's loop vs a plain tutorial-style
+   train_one_epoch (written out below: PNGs decoded every step, shuffled batches of 2, model in the default memory
+   format) on the same model (same seed), the same images and image size; and their ratio.
+3. Predict images/s (batched, from the run's model file).
+
+    python bench/detect.py --data ../shared/datasets/PennFudanPed            # ~30 CPU-minutes
+    python bench/detect.py --quick                                           # a few minutes
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torchvision.io import read_image
+from torchvision.ops import masks_to_boxes
+from torchvision.transforms import v2
+from torchvision import tv_tensors
+
+from visiontune.config import DetectConfig
+from visiontune.engine.detection import fit, predict_run
+from visiontune.models.detection import build_detector
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+# --------------------------------------------------------------------------------------------- the tutorial, plainly
+
+class PennFudanDataset(torch.utils.data.Dataset):
+    """The detection tutorial's dataset: reads the PNGs at every access."""
+
+    def __init__(self, root: Path, names: list[str]):
+        self.root, self.names = root, names
+        self.transforms = v2.Compose([v2.RandomHorizontalFlip(0.5), v2.ToDtype(torch.float, scale=True), v2.ToPureTensor()])
+
+    def __getitem__(self, idx):
+        img = read_image(str(self.root / "PNGImages" / f"{self.names[idx]}.png"))
+        mask = read_image(str(self.root / "PedMasks" / f"{self.names[idx]}_mask.png"))
+        obj_ids = torch.unique(mask)[1:]
+        masks = (mask == obj_ids[:, None, None]).to(dtype=torch.uint8)
+        boxes = masks_to_boxes(masks)
+        img = tv_tensors.Image(img)
+        target = {"boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=img.shape[-2:]),
+                  "masks": tv_tensors.Mask(masks), "labels": torch.ones((len(obj_ids),), dtype=torch.int64), "image_id": idx}
+        return self.transforms(img, target)
+
+    def __len__(self):
+        return len(self.names)
+
+
+def tutorial_train_one_epoch(model, optimizer, loader, clip_grad: float) -> float:
+    """references/detection/engine.py's loop: warm-up in epoch 0, summed losses (plus the same gradient clipping)."""
+    model.train()
+    warmup = min(1000, len(loader) - 1)
+    sched = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.001, total_iters=warmup)
+    start = time.perf_counter()
+    for images, targets in loader:
+        loss_dict = model(list(images), [dict(t) for t in targets])
+        losses = sum(loss_dict.values())
+        optimizer.zero_grad()
+        losses.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+        optimizer.step()
+        sched.step()
+    return time.perf_counter() - start
+
+
+def tutorial_epoch_seconds(root: Path, names: list[str], cfg: DetectConfig) -> float:
+    torch.manual_seed(cfg.seed)
+    model = build_detector("maskrcnn", 2, min_size=cfg.min_size, max_size=cfg.max_size)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=5e-4)
+    loader = torch.utils.data.DataLoader(PennFudanDataset(root, names), batch_size=2, shuffle=True, num_workers=0,
+                                         collate_fn=lambda b: tuple(zip(*b)))
+    return tutorial_train_one_epoch(model, optimizer, loader, cfg.clip_grad)
+
+
+# --------------------------------------------------------------------------------------------- main
+
+def subset(src: Path, n: int, dst: Path) -> Path:
+    names = sorted(p.stem for p in (src / "PNGImages").glob("*.png"))[:n]
+    for sub, suffix in (("PNGImages", ""), ("PedMasks", "_mask")):
+        (dst / sub).mkdir(parents=True, exist_ok=True)
+        for name in names:
+            shutil.copy(src / sub / f"{name}{suffix}.png", dst / sub / f"{name}{suffix}.png")
+    return dst
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default=str(REPO.parent / "shared" / "datasets" / "PennFudanPed"))
+    ap.add_argument("--val-last", type=int, default=50)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--min-size", type=int, default=320)
+    ap.add_argument("--max-size", type=int, default=512)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="16 images, 1 epoch, 160-224 px: a few minutes")
+    ap.add_argument("--skip-baseline", action="store_true")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="vt-bench-detect-"))
+    data = Path(args.data)
+    if args.quick:
+        data = subset(data, 16, work / "data")
+        args.val_last, args.epochs, args.min_size, args.max_size = 4, 1, 160, 224
+    result = {"benchmark": "detect", "data": str(data), "quick": args.quick, "torch_threads": torch.get_num_threads(),
+              "load_average_before": load_average()}
+
+    cfg = DetectConfig(data=str(data), out=str(work / "run"), val_last=args.val_last, epochs=args.epochs, min_size=args.min_size,
+                       max_size=args.max_size, seed=args.seed, quiet=True)
+    start = time.perf_counter()
+    metrics = fit(cfg)
+    result["visiontune_wall_seconds"] = round(time.perf_counter() - start, 1)
+    log = [json.loads(line) for line in (work / "run" / "log.jsonl").read_text().splitlines()]
+    result["per_epoch"] = [{k: round(e[k], 4) if isinstance(e[k], float) else e[k] for k in
+                            ("epoch", "train_loss", "bbox_AP", "bbox_AP50", "segm_AP", "segm_AP50", "train_seconds", "elapsed_seconds")}
+                           for e in log]
+    result["final"] = {k: round(metrics[k], 4) for k in ("bbox_AP", "bbox_AP50", "bbox_AP75", "segm_AP", "segm_AP50", "segm_AP75")}
+    result["settings"] = {"model": "maskrcnn + FPN over efficientnet_lite0 (embedded ImageNet weights)", "min_size": cfg.min_size,
+                          "max_size": cfg.max_size, "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr,
+                          "clip_grad": cfg.clip_grad, "val_last": cfg.val_last}
+
+    names = sorted(p.stem for p in (data / "PNGImages").glob("*.png"))[: -args.val_last]
+    ours = log[0]["train_seconds"]
+    result["epoch_seconds_visiontune"] = round(ours, 1)
+    if not args.skip_baseline:
+        theirs = tutorial_epoch_seconds(data, names, cfg)
+        result["epoch_seconds_tutorial_loop"] = round(theirs, 1)
+        result["epoch_ratio_visiontune_over_tutorial"] = round(ours / theirs, 3)
+
+    val_images = [str(data / "PNGImages" / f"{n}.png") for n in sorted(p.stem for p in (data / "PNGImages").glob("*.png"))[-args.val_last:]]
+    pred = predict_run(work / "run", val_images, score_threshold=0.5, output=str(work / "predict"), quiet=True)
+    result["predict_images_per_second"] = pred["images_per_second"]
+    result["predict_images"] = pred["images"]
+    result["load_average_after"] = load_average()
+    shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

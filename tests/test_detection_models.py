@@ -1,0 +1,62 @@
+"""Detector builders: COCO-model predictors replaced for a new class count; registry backbones under an FPN or alone."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from safetensors.torch import save_file
+
+from visiontune.errors import UserError
+from visiontune.models.detection import build_detector
+
+
+def test_predictors_replaced_for_new_class_count_without_size_mismatch(tmp_path):
+    torch.manual_seed(0)
+    coco = torchvision.models.get_model("maskrcnn_resnet50_fpn", weights=None, weights_backbone=None, num_classes=91)
+    weights = tmp_path / "maskrcnn_coco.safetensors"  # stands in for the COCO file (no downloads offline)
+    save_file({k: v.contiguous() for k, v in coco.state_dict().items()}, str(weights))
+    m = build_detector("maskrcnn_resnet50_fpn", 4, weights=str(weights), min_size=64, max_size=64)
+    heads = m.roi_heads
+    assert heads.box_predictor.cls_score.out_features == 4 and heads.box_predictor.bbox_pred.out_features == 16
+    assert heads.mask_predictor.mask_fcn_logits.out_channels == 4
+    sd = m.state_dict()
+    for k in ("backbone.body.layer3.0.conv1.weight", "backbone.fpn.layer_blocks.0.0.weight", "rpn.head.conv.0.0.weight",
+              "roi_heads.box_head.fc7.weight", "roi_heads.mask_head.0.0.weight"):
+        assert torch.equal(sd[k], coco.state_dict()[k]), k
+    # torchvision's default: conv1 and layer1 frozen, layer2-4 train
+    assert not m.backbone.body.layer1[0].conv1.weight.requires_grad and m.backbone.body.layer2[0].conv1.weight.requires_grad
+    m.eval()
+    out = m([torch.rand(3, 64, 64)])[0]
+    assert out["masks"].shape[1:] == (1, 64, 64)
+
+
+def test_unknown_model_and_offline_weights_are_one_line_errors(tmp_path, monkeypatch):
+    with pytest.raises(UserError, match="unknown detection model"):
+        build_detector("yolo", 2)
+    monkeypatch.setenv("VISIONTUNE_OFFLINE", "1")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(UserError, match="offline"):
+        build_detector("fasterrcnn_mobilenet_v3_large_fpn", 2)
+
+
+@pytest.mark.parametrize("backbone,neck", [("efficientnet_lite0", "fpn"), ("mobilenet_v2", "none")])
+def test_registry_backbone_detectors_train_every_head(backbone, neck):
+    torch.manual_seed(0)
+    m = build_detector("maskrcnn", 3, backbone=backbone, backbone_weights="none", neck=neck, min_size=64, max_size=64)
+    levels = m.backbone.level_names
+    assert levels == (["0", "1", "2"] if neck == "fpn" else ["0"])
+    frozen_bn = [n for n, mod in m.backbone.body.named_modules() if isinstance(mod, torch.nn.BatchNorm2d)]
+    assert frozen_bn == []  # every backbone BatchNorm is frozen
+    m.train()
+    mask = torch.zeros(1, 64, 64, dtype=torch.uint8)
+    mask[0, 10:50, 8:30] = 1
+    target = {"boxes": torch.tensor([[8.0, 10, 29, 49]]), "labels": torch.tensor([2]), "masks": mask}
+    losses = m([torch.rand(3, 64, 64)], [target])
+    assert losses["loss_mask"].item() < 2.0  # small initial mask logits (not torchvision's 10-40 with few classes)
+    sum(losses.values()).backward()
+    for name in ("roi_heads.box_predictor.cls_score.weight", "roi_heads.mask_predictor.mask_fcn_logits.weight", "rpn.head.conv.0.0.weight"):
+        assert m.get_parameter(name).grad is not None, name
+    trained = [n for n, p in m.backbone.body.named_parameters() if p.requires_grad]
+    frozen = [n for n, p in m.backbone.body.named_parameters() if not p.requires_grad]
+    assert trained and frozen  # the stages before stride 8 stay fixed
+    assert all(p.grad is None for p in m.backbone.body.parameters() if not p.requires_grad)

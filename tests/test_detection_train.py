@@ -1,0 +1,89 @@
+"""Detection runs end to end: train -> metrics.json, model file, pictures -> eval and predict from the run."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+
+from detection_helpers import make_coco, make_pennfudan
+from visiontune.checkpoint import load_model_file
+from visiontune.cli import main
+from visiontune.config import DetectConfig
+from visiontune.engine.detection import evaluate_run, fit, predict_run
+
+TINY = dict(min_size=64, max_size=64, quiet=True, backbone_weights="none", seed=0)
+KEYS = ("bbox_AP", "bbox_AP50", "bbox_AP75", "segm_AP", "segm_AP50", "segm_AP75")
+
+
+def test_pennfudan_run_writes_metrics_model_and_pictures(tmp_path):
+    data = make_pennfudan(tmp_path / "pf", n=6)
+    m = fit(DetectConfig(data=str(data), out=str(tmp_path / "run"), epochs=2, val_last=2, **TINY))
+    run = tmp_path / "run"
+    saved = json.loads((run / "metrics.json").read_text())
+    assert all(0.0 <= saved[k] <= 1.0 for k in KEYS) and saved["epochs"] == 2 and saved["model"] == "maskrcnn"
+    assert saved == m and saved["train_seconds"] > 0 and set(saved["per_class"]) == {"object"}
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in log] == [1, 2] and all("segm_AP50" in e for e in log)
+    assert Image.open(run / "predictions.png").size[0] > 300
+    _, meta = load_model_file(run / "model.safetensors")
+    assert meta["classes"] == ["object"] and meta["model"] == "maskrcnn" and meta["min_size"] == 64 and meta["max_size"] == 64
+    assert (run / "last.safetensors").is_file()
+
+    again = evaluate_run(run, str(data))  # all 6 images, the run's format
+    assert again["images"] == 6 and set(KEYS) <= set(again)
+    pred = predict_run(run, [str(data / "PNGImages")], score_threshold=0.0, output=str(tmp_path / "pred"), quiet=True)
+    results = json.loads((tmp_path / "pred" / "predictions.json").read_text())
+    assert pred["images"] == 6 and len(list((tmp_path / "pred").glob("*.png"))) == 6
+    assert results and {"file_name", "bbox", "score", "segmentation", "category"} <= set(results[0])
+
+
+def test_resume_continues_where_it_stopped(tmp_path):
+    data = make_pennfudan(tmp_path / "pf", n=4)
+    cfg = DetectConfig(data=str(data), out=str(tmp_path / "run"), epochs=1, val_last=1, **TINY)
+    fit(cfg)
+    cfg_yaml = tmp_path / "run" / "config.yaml"
+    cfg_yaml.write_text(cfg_yaml.read_text().replace("epochs: 1", "epochs: 2"))
+    m = fit(DetectConfig(out=str(tmp_path / "run"), quiet=True), resume=True)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in log] == [1, 2] and m["epochs"] == 2
+
+
+@pytest.mark.parametrize("masks", ["polygon", "none"])
+def test_coco_run_keeps_category_names_and_ids(tmp_path, capsys, masks):
+    images, ann = make_coco(tmp_path / "c", n=6, masks=masks, category_ids=(7, 3))
+    out = tmp_path / "run"
+    code = main(["detect", "train", "--format", "coco", "--data", str(images), "--annotations", str(ann), "--out", str(out),
+                 "--epochs", "1", "--val-split", "0.34", "--min-size", "64", "--max-size", "64", "--backbone-weights", "none", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    saved = json.loads((out / "metrics.json").read_text())
+    assert set(saved["per_class"]) == {"left", "right"}
+    assert ("segm_AP" in saved) == (masks != "none")
+    assert saved["model"] == ("maskrcnn" if masks != "none" else "fasterrcnn")
+    _, meta = load_model_file(out / "model.safetensors")
+    assert meta["category_ids"] == [3, 7] and meta["classes"] == ["right", "left"]
+    capsys.readouterr()
+    assert main(["detect", "eval", str(out), "--data", str(images), "--annotations", str(ann)]) == 0
+    assert "bbox_AP50" in json.loads(capsys.readouterr().out)
+    pred = predict_run(out, [str(images / "im0.png")], score_threshold=0.0, output=str(tmp_path / "p"), quiet=True)
+    results = json.loads((tmp_path / "p" / "predictions.json").read_text())
+    assert pred["images"] == 1 and {r["category_id"] for r in results} <= {3, 7}  # the user's own ids come back
+
+
+def test_pennfudan_short_epoch_loss_falls_and_coco_eval_runs_on_real_masks(pennfudan, tmp_path):
+    """CI: a few real Penn-Fudan images at low resolution, one short epoch with the embedded backbone."""
+    data = tmp_path / "pf"
+    names = sorted(p.stem for p in (pennfudan / "PNGImages").glob("*.png"))[:10]
+    for sub, suffix in (("PNGImages", ""), ("PedMasks", "_mask")):
+        (data / sub).mkdir(parents=True)
+        for n in names:
+            shutil.copy(pennfudan / sub / f"{n}{suffix}.png", data / sub / f"{n}{suffix}.png")
+    torch.manual_seed(0)
+    m = fit(DetectConfig(data=str(data), out=str(tmp_path / "run"), epochs=1, val_last=2, min_size=128, max_size=160,
+                         lr=0.01, lr_step=3, quiet=True, seed=0))
+    log = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[0])
+    assert log["last_step_loss"] < log["first_step_loss"]  # 4 steps, warm-up included
+    assert 0.0 <= m["segm_AP50"] <= 1.0 and m["val_images"] == 2
+    assert m["per_class"]["object"]["segm_AP"] is not None  # evaluated against real pedestrian masks
