@@ -29,7 +29,8 @@ from visiontune.errors import UserError
 WEIGHT_ATOL = 1e-4
 LOSS_RTOL = 1e-5
 
-SETTINGS = dict(model="timm:test_vit", weights="none", strategy="staged", epochs=3, batch_size=8, image_size=64, quiet=True)
+# fp32: bf16 autocast rounds each process's half-batch differently, which would hide what this compares.
+SETTINGS = dict(model="timm:test_vit", weights="none", strategy="staged", epochs=3, batch_size=8, image_size=64, precision="fp32", quiet=True)
 
 
 def torchrun(nproc: int, *args: str, timeout: int = 180) -> subprocess.CompletedProcess:
@@ -138,6 +139,7 @@ def _helpers_worker(rank: int, port: int, results: dict) -> None:
         ((ref(x) - y) ** 2).mean().backward()
         grads_ok.append(all((p.grad is None) if not p.requires_grad else torch.allclose(p.grad, q.grad, atol=1e-6)
                             for p, q in zip(model.parameters(), ref.parameters())))
+    coco = _sharded_coco_evaluation()
     try:
         d.per_process_batch(5)
         batch_error = ""
@@ -145,7 +147,34 @@ def _helpers_worker(rank: int, port: int, results: dict) -> None:
         batch_error = str(e)
     results[rank] = {"calls": len(calls), "feats": feats.tolist(), "labels": labels.tolist(), "shard": list(shard),
                      "gathered": gathered.tolist(), "grads_ok": grads_ok, "batch_error": batch_error,
-                     "sampler": list(d.epoch_sampler(list(range(7)), 3, 1))}
+                     "sampler": list(d.epoch_sampler(list(range(7)), 3, 1)), "coco": coco}
+
+
+class _Oracle(torch.nn.Module):
+    """A 'detector' that returns each image's true boxes: it reads the image id from the pixels."""
+
+    def __init__(self, records):
+        super().__init__()
+        self.boxes = {r.image_id: r.boxes for r in records}
+
+    def forward(self, images):
+        out = []
+        for im in images:
+            boxes = self.boxes[round(float(im[0, 0, 0]) * 255)]
+            out.append({"boxes": boxes, "scores": torch.ones(len(boxes)), "labels": torch.ones(len(boxes), dtype=torch.long)})
+        return out
+
+
+def _sharded_coco_evaluation() -> dict:
+    """Perfect predictions give AP 1 only if every image's are counted once: missing ones lose recall, doubled ones
+    are false positives."""
+    from visiontune.data.instance import Record
+    from visiontune.engine.detection import evaluate_sharded
+
+    records = [Record(f"{i}.png", torch.full((3, 40, 50), i, dtype=torch.uint8), torch.tensor([[3.0 + i, 4.0, 20.0 + i, 30.0]]),
+                      torch.ones(1, dtype=torch.long), None, i) for i in range(1, 6)]
+    m = evaluate_sharded(_Oracle(records), records, ["thing"], False, torch.device("cpu"))
+    return {"images": m["val_images"], "AP": m["bbox_AP"], "AP50": m["bbox_AP50"]}
 
 
 def test_distributed_helpers_on_two_processes():
@@ -161,3 +190,49 @@ def test_distributed_helpers_on_two_processes():
     one = torch.randperm(7, generator=torch.Generator().manual_seed(3 + 1)).tolist()  # the one-process order
     assert sorted(r0["sampler"] + r1["sampler"]) == sorted(one + one[:1])  # padded to 8 by repeating the first
     assert r0["sampler"] == (one + one[:1])[0::2] and r1["sampler"] == (one + one[:1])[1::2]
+    assert r0["coco"] == r1["coco"] == {"images": 5, "AP": 1.0, "AP50": 1.0}  # 2 + 3 images, each once
+
+
+# --------------------------------------------------------------------------------------------- detection, 2 processes
+
+def make_instance_folder(root: Path, n: int) -> Path:
+    """Penn-Fudan layout: PNGImages/*.png and PedMasks/*_mask.png holding one or two bright boxes as instances 1, 2."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for d in ("PNGImages", "PedMasks"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        image, mask = rng.integers(0, 60, (48, 64, 3), dtype=np.uint8), np.zeros((48, 64), np.uint8)
+        for k in range(1 + i % 2):
+            y, x = int(rng.integers(2, 26)), int(rng.integers(2, 12)) + 30 * k
+            image[y:y + 20, x:x + 14] = (200, 60 + 40 * k, 60)
+            mask[y:y + 20, x:x + 14] = k + 1
+        Image.fromarray(image).save(root / "PNGImages" / f"P{i:03d}.png")
+        Image.fromarray(mask, "L").save(root / "PedMasks" / f"P{i:03d}_mask.png")
+    return root
+
+
+def test_two_process_detection_evaluates_every_validation_image_once(tmp_path):
+    from visiontune.config import DetectConfig, from_dict, load_yaml
+    from visiontune.engine.detection import evaluate_model, load_splits
+    from visiontune.models.detection import build_detector
+
+    data, run = make_instance_folder(tmp_path / "pf", 5), tmp_path / "det"
+    proc = torchrun(2, "detect", "train", "--data", str(data), "--out", str(run), "--model", "fasterrcnn",
+                    "--backbone", "timm:test_efficientnet", "--backbone-weights", "none", "--min-size", "64", "--max-size", "96",
+                    "--epochs", "1", "--batch-size", "2", "--val-last", "3", "--quiet")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (entry,) = log_lines(run)
+    assert entry["val_images"] == 3  # 1 on rank 0, 2 on rank 1: each once
+    # The gathered evaluation is the one-process evaluation of the same (saved) model.
+    cfg = from_dict(DetectConfig, load_yaml(run / "config.yaml"))
+    _, val, data_info = load_splits(cfg)
+    weights, meta = ckpt.load_model_file(run / "model.safetensors")
+    model = build_detector(meta["model"], 2, backbone=meta["backbone"], backbone_weights="none", min_size=64, max_size=96)
+    model.load_state_dict(weights)
+    m, _ = evaluate_model(model, val, meta["classes"], data_info.has_masks, torch.device("cpu"))
+    for k in ("bbox_AP", "bbox_AP50"):
+        assert entry[k] == pytest.approx(m[k], abs=1e-6), k
+    assert ckpt.load_model_file(run / "last.safetensors")[1]["world_size"] == 2
