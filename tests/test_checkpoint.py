@@ -194,7 +194,7 @@ def test_settings_that_may_differ_on_resume():
     check_same_settings(saved, {"lr": 5e-2, "epochs": 3.0}, "run")  # YAML may give 3.0 for 3
     with pytest.raises(UserError, match="--lr 0.1 differs from the run's 0.05"):
         check_same_settings(saved, {"lr": 0.1}, "run")
-    assert {"epochs", "lr", "strategy", "seed", "data", "batch_size", "workers"}.isdisjoint(MAY_CHANGE_ON_RESUME)
+    assert {"epochs", "lr", "strategy", "seed", "data", "batch_size", "sync_bn"}.isdisjoint(MAY_CHANGE_ON_RESUME)
 
 
 def test_first_ctrl_c_asks_to_stop_the_second_stops_now():

@@ -17,8 +17,8 @@ from .checkpoint import atomic_write_text
 from .errors import UserError
 
 MARKER = "config.yaml"
-# Settings a resumed run may change: they do not change what is computed.
-MAY_CHANGE_ON_RESUME = frozenset({"out", "quiet", "overwrite", "device", "checkpoint_every", "tensorboard", "cache_dir"})
+# Settings a resumed run may change: they do not change what is computed (workers: augmentation is seeded per image).
+MAY_CHANGE_ON_RESUME = frozenset({"out", "quiet", "overwrite", "device", "workers", "checkpoint_every", "tensorboard", "cache_dir"})
 
 
 def check_out_dir(out: str | Path, overwrite: bool, resume: bool = False) -> Path:
