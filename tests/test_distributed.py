@@ -145,8 +145,13 @@ def _helpers_worker(rank: int, port: int, results: dict) -> None:
         batch_error = ""
     except UserError as e:
         batch_error = str(e)
+    try:
+        d.sync_batchnorm(nn.Sequential(nn.BatchNorm2d(3)), torch.device("cpu"))
+        sync_bn_error = ""
+    except UserError as e:
+        sync_bn_error = str(e)
     results[rank] = {"calls": len(calls), "feats": feats.tolist(), "labels": labels.tolist(), "shard": list(shard),
-                     "gathered": gathered.tolist(), "grads_ok": grads_ok, "batch_error": batch_error,
+                     "gathered": gathered.tolist(), "grads_ok": grads_ok, "batch_error": batch_error, "sync_bn_error": sync_bn_error,
                      "sampler": list(d.epoch_sampler(list(range(7)), 3, 1)), "coco": coco}
 
 
@@ -187,6 +192,7 @@ def test_distributed_helpers_on_two_processes():
     assert r0["gathered"] == r1["gathered"] == [0.0, 1.0, 2.0, 3.0, 4.0]  # in order, on every rank
     assert r0["grads_ok"] == r1["grads_ok"] == [True, True, True]
     assert "--batch-size 5 is the global batch" in r0["batch_error"] and "2 processes" in r0["batch_error"]
+    assert r0["sync_bn_error"].startswith("--sync-bn: PyTorch synchronizes BatchNorm on CUDA only")
     one = torch.randperm(7, generator=torch.Generator().manual_seed(3 + 1)).tolist()  # the one-process order
     assert sorted(r0["sampler"] + r1["sampler"]) == sorted(one + one[:1])  # padded to 8 by repeating the first
     assert r0["sampler"] == (one + one[:1])[0::2] and r1["sampler"] == (one + one[:1])[1::2]
