@@ -260,6 +260,14 @@ def case_lr_not_a_number(t, out):
     return train(folders(t), out, "--lr", "fast"), "--lr"
 
 
+def case_negative_checkpoint_every(t, out):
+    return train(folders(t), out, "--checkpoint-every", "-5"), "--checkpoint-every"
+
+
+def case_zero_val_split(t, out):
+    return train(folders(t), out, "--val-split", "0"), "--val-split"
+
+
 def case_val_split_out_of_range(t, out):
     return train(folders(t), out, "--val-split", "1.5"), "--val-split"
 
@@ -327,7 +335,7 @@ def case_config_malformed_yaml(t, out):
 
 def case_config_unknown_key(t, out):
     (t / "c.yaml").write_text(f"data: {folders(t)}\nepocs: 3\n")
-    return ["classify", "train", "--config", str(t / "c.yaml"), "--out", str(out), "--overwrite"], "unknown setting(s) epocs"
+    return ["classify", "train", "--config", str(t / "c.yaml"), "--out", str(out), "--overwrite"], "unknown setting 'epocs'; did you mean 'epochs'?"
 
 
 def case_config_wrong_type(t, out):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import logging
 import sys
@@ -79,9 +80,9 @@ def _checked_types(values: dict, cls, source: str) -> dict:
     out = {}
     for k, v in values.items():
         t = types.get(k)
-        if t is None:  # unknown keys are named by from_dict
-            out[k] = v
-            continue
+        if t is None:
+            close = difflib.get_close_matches(k, types, n=1)
+            raise UserError(f"--config {source}: unknown setting {k!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
         base = t.replace(" | None", "")
         ok = ((v is None and t.endswith("| None")) or (base == "bool" and isinstance(v, bool))
               or (base == "int" and isinstance(v, int) and not isinstance(v, bool))
