@@ -11,8 +11,10 @@ def predict_logits(model: nn.Module, loader: DataLoader, channels_last: bool = T
     from tqdm import tqdm
 
     model.eval()
+    device = next(model.parameters()).device
     logits, labels = [], []
     for x, y in tqdm(loader, desc="eval", unit="batch", leave=False, disable=not progress):
+        x = x.to(device, non_blocking=True)  # on the model's device (CUDA under torchrun)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         logits.append(model(x).float())
