@@ -12,9 +12,9 @@ from conftest import make_class_folders
 
 
 def test_compare_runs_every_strategy_under_one_budget(tmp_path, capsys):
-    data = make_class_folders(tmp_path / "data", per_class=4)
+    data = make_class_folders(tmp_path / "data", per_class=3)
     out = tmp_path / "cmp"
-    assert main(["classify", "compare", "--data", str(data), "--out", str(out), "--image-size", "64", "--epochs", "1", "--quiet"]) == 0
+    assert main(["classify", "compare", "--data", str(data), "--out", str(out), "--image-size", "64", "--epochs", "1", "--views", "2", "--quiet"]) == 0
     printed = capsys.readouterr().out
     rows = list(csv.DictReader(open(out / "compare.csv")))
     assert [r["strategy"] for r in rows] == ["linear", "partial", "full", "staged"]

@@ -25,7 +25,7 @@ REAL_IMAGES = sorted((REPO / "examples" / "hymenoptera_sample" / "val").rglob("*
 def run_dir(tmp_path_factory) -> Path:
     data = make_class_folders(tmp_path_factory.mktemp("data"), classes=("red", "blue", "green"), per_class=4)
     out = tmp_path_factory.mktemp("runs") / "run"
-    assert main(["classify", "train", "--data", str(data), "--out", str(out), "--image-size", "64", "--quiet", "--epochs", "2"]) == 0
+    assert main(["classify", "train", "--data", str(data), "--out", str(out), "--image-size", "64", "--quiet", "--epochs", "2", "--views", "2"]) == 0
     return out
 
 

@@ -57,7 +57,7 @@ def run_dir(tmp_path_factory) -> Path:
     data = make_class_folders(tmp_path_factory.mktemp("data"), classes=("red", "blue", "green"), per_class=5)
     out = tmp_path_factory.mktemp("runs") / "run"
     assert main(["classify", "train", "--data", str(data), "--out", str(out), "--image-size", "64", "--quiet",
-                 "--strategy", "linear", "--epochs", "3"]) == 0
+                 "--strategy", "linear", "--epochs", "3", "--views", "2"]) == 0
     return out
 
 

@@ -160,7 +160,9 @@ def _confusion(metrics: dict) -> str:
 
 def _fmt(v) -> str:
     if isinstance(v, float):
-        return f"{v:.4f}" if abs(v) < 1000 else f"{v:.0f}"
+        return f"{v:.4f}" if abs(v) <= 1 else f"{v:,.1f}"
+    if isinstance(v, int) and not isinstance(v, bool):
+        return f"{v:,}"
     return html.escape(str(v))
 
 
@@ -248,7 +250,7 @@ th{background:#f3f3f3} pre{background:#f6f8fa;padding:12px;overflow:auto;font-si
 .gallery{display:flex;flex-wrap:wrap;gap:10px}
 figure{margin:0;padding:6px;border:3px solid #2e7d32;border-radius:6px;width:170px;font-size:12px}
 figure.wrong{border-color:#c62828;background:#fff3f3} figure.wide{width:auto;max-width:100%;border-color:#ccc}
-figure img{display:block;max-width:100%} img.curves,img.confusion{max-width:100%}
+figure img{display:block;max-width:100%} figcaption small{word-break:break-all;color:#555} img.curves,img.confusion{max-width:100%}
 """
 
 
