@@ -1,9 +1,10 @@
 """Crash-safe training: SIGKILL at many points, Ctrl-C, divergence; every resume ends bit-identical to one run.
 
-The training processes are real ``python -m visiontune`` subprocesses on a tiny timm model (random init, 64 px,
-3 epochs of 3 steps, staged: one frozen-backbone epoch, then two unfrozen). ``VISIONTUNE_FAULT`` (see
-visiontune/faults.py) makes a process kill itself at a chosen point. One thread per process: the results are
-then reproducible and the tests do not fight over the two cores.
+Each training run is its own process running the CLI on a tiny timm model (random init, 64 px, 3 epochs of 3
+steps, staged: one frozen-backbone epoch, then two unfrozen). ``VISIONTUNE_FAULT`` (see visiontune/faults.py)
+makes a process kill itself at a chosen point. The processes are forked from a "launcher" that has imported
+torch once (an import costs more than a whole tiny run). One thread per process: the results are then
+reproducible and the runs do not fight over the two cores.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,13 +27,63 @@ from visiontune.cli import main
 
 TRAIN = ["classify", "train", "--model", "timm:test_efficientnet", "--weights", "none", "--image-size", "64",
          "--strategy", "staged", "--recipe", "tutorial", "--epochs", "3", "--lr", "0.05", "--checkpoint-every", "2", "--quiet"]
+# The default recipe's staged run: the head on cached backbone features first (one epoch), then two unfrozen epochs.
+CACHED = ["classify", "train", "--model", "timm:test_efficientnet", "--weights", "none", "--image-size", "64", "--strategy", "staged",
+          "--epochs", "3", "--cache-dir", "none", "--quiet"]
 TIMING = {"train_seconds", "train_images_per_second", "elapsed_seconds"}
 
 
-def run_cli(args: list[str], fault: str | None = None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "VISIONTUNE_FAULT"}
-    env.update(OMP_NUM_THREADS="1", VISIONTUNE_OFFLINE="1", **({"VISIONTUNE_FAULT": fault} if fault else {}))
-    return subprocess.run([sys.executable, "-m", "visiontune", *args], env=env, capture_output=True, text=True, timeout=300)
+LAUNCHER = r"""
+import json, os, sys, time, traceback
+import matplotlib
+matplotlib.use("Agg")
+import visiontune.engine.train, visiontune.report, visiontune.visualize  # the slow imports, once, before any fork
+from visiontune.cli import main
+
+for line in sys.stdin:
+    job = json.loads(line)
+    pid = os.fork()
+    if pid == 0:  # the training process: stderr to a file, exit code as the CLI's
+        os.dup2(os.open(job["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+        if job["fault"]:
+            os.environ["VISIONTUNE_FAULT"] = job["fault"]
+        try:
+            code = main(job["argv"])
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        sys.stderr.flush()
+        os._exit(code)
+    deadline = time.monotonic() + 300
+    while not (status := os.waitpid(pid, os.WNOHANG))[0]:
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+        time.sleep(0.02)
+    print(json.dumps(os.waitstatus_to_exitcode(status[1])), flush=True)
+"""
+
+
+class Launcher:
+    """Runs ``visiontune ARGV`` in a fresh process forked from one that has done the imports."""
+
+    def __init__(self, workdir: Path):
+        self.workdir, self.count = workdir, 0
+        env = {k: v for k, v in os.environ.items() if k != "VISIONTUNE_FAULT"}
+        env.update(OMP_NUM_THREADS="1", VISIONTUNE_OFFLINE="1")
+        self.proc = subprocess.Popen([sys.executable, "-c", LAUNCHER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+
+    def run(self, argv: list[str], fault: str | None = None) -> subprocess.CompletedProcess:
+        self.count += 1
+        stderr = self.workdir / f"stderr-{self.count}.txt"
+        self.proc.stdin.write(json.dumps({"argv": argv, "fault": fault, "stderr": str(stderr)}) + "\n")
+        self.proc.stdin.flush()
+        rc = json.loads(self.proc.stdout.readline())
+        return subprocess.CompletedProcess(argv, rc, "", stderr.read_text() if stderr.exists() else "")
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -74,22 +126,37 @@ def runs(data, tmp_path_factory) -> dict:
     start = lambda out: [*TRAIN, "--data", str(data), "--out", str(out)]  # noqa: E731
     resume = lambda out: ["classify", "train", "--out", str(out), "--resume"]  # noqa: E731
 
-    def kill_chain() -> list[dict]:
+    def kill_chain(run_cli) -> list[dict]:
         out, seen = root / "killed", []
         for i, (fault, _) in enumerate(KILLS + [(None, None)]):
             seen.append(observe(out, fault, run_cli(start(out) if i == 0 else resume(out), fault=fault)))
         return seen
 
-    def baseline_then_ctrl_c() -> list[dict]:
+    def baseline_then_ctrl_c(run_cli) -> list[dict]:
         seen = [observe(root / "baseline", None, run_cli(start(root / "baseline")))]
         out = root / "interrupted"
         seen.append(observe(out, "step:5:INT", run_cli(start(out), fault="step:5:INT")))
         seen.append(observe(out, None, run_cli(resume(out))))
         return seen
 
+    def cached_features_chain(run_cli) -> list[dict]:
+        seen = [observe(root / "cached_baseline", None, run_cli([*CACHED, "--data", str(data), "--out", str(root / "cached_baseline")]))]
+        out = root / "cached"
+        seen.append(observe(out, "features:1", run_cli([*CACHED, "--data", str(data), "--out", str(out)], fault="features:1")))
+        seen.append(observe(out, "step:1", run_cli(resume(out), fault="step:1")))
+        seen.append(observe(out, None, run_cli(resume(out))))
+        return seen
+
+    def in_own_launcher(chain) -> list[dict]:
+        launcher = Launcher(Path(tempfile.mkdtemp(dir=root)))
+        try:
+            return chain(launcher.run)
+        finally:
+            launcher.close()
+
     with ThreadPoolExecutor(2) as pool:
-        kills, others = pool.submit(kill_chain), pool.submit(baseline_then_ctrl_c)
-        result = {"kills": kills.result(), "others": others.result()}
+        kills, others, cached = (pool.submit(in_own_launcher, chain) for chain in (kill_chain, baseline_then_ctrl_c, cached_features_chain))
+        result = {"kills": kills.result(), "others": others.result(), "cached": cached.result()}
     baseline = result["others"][0]
     assert baseline["rc"] == 0, baseline["stderr"]
     return dict(result, root=root)
@@ -125,6 +192,15 @@ def test_sigkill_at_six_points_then_resume_is_bit_identical(runs):
     assert not list(out.glob(".*.tmp")), "a killed write's temporary file was left behind"
     assert [row["phase"] for row in map(json.loads, (out / "log.jsonl").read_text().splitlines())] == ["head", "unfrozen", "unfrozen"]
     assert_same_run(out, runs["root"] / "baseline")
+
+
+def test_kill_while_caching_features_and_after_the_cached_head_phase(runs):
+    baseline, in_features, in_unfrozen, resumed = runs["cached"]
+    assert baseline["rc"] == 0, baseline["stderr"]
+    assert in_features["rc"] == -9 and in_features["last"] is None  # nothing to keep yet: the resume starts over
+    assert in_unfrozen["rc"] == -9 and in_unfrozen["last"] == (1, 0)  # the head phase is checkpointed when it ends
+    assert resumed["rc"] == 0 and not resumed["corrupt"], resumed["stderr"]
+    assert_same_run(runs["root"] / "cached", runs["root"] / "cached_baseline")
 
 
 def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(runs):
