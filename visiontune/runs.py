@@ -22,7 +22,7 @@ MAY_CHANGE_ON_RESUME = frozenset({"out", "quiet", "overwrite", "device", "worker
 
 
 def check_out_dir(out: str | Path, overwrite: bool, resume: bool = False) -> Path:
-    """Validate ``--out`` without touching it (nothing is written until the inputs are known good)."""
+    """Validate ``--out`` before any work; nothing in it changes until the inputs are known good (``create_out_dir``)."""
     if not out:
         raise UserError("--out: a run directory is required")
     out = Path(out)
