@@ -27,6 +27,7 @@ from ..data.images import load_rgb
 from ..data.instance import DetectionDataset, InstanceData, Record, collate, grouped_batches, load_pennfudan, split_records
 from ..errors import UserError
 from ..models.detection import CUSTOM_MODELS, build_detector, is_mask_model, trainable_parameters
+from ..report import write_report
 from ..runs import append_jsonl, check_out_dir, create_out_dir, write_json
 from . import distributed
 from .train import Diverged, seed_everything, select_device
@@ -167,8 +168,10 @@ def coco_metrics(records: list[Record], results: list[dict], classes: list[str],
     with contextlib.redirect_stdout(io.StringIO()):
         gt = to_coco_api(records, classes)
         for iou_type in ("bbox", "segm") if has_masks else ("bbox",):
-            if not results:
+            if not results:  # no detection above the model's score threshold
                 metrics.update({f"{iou_type}_{k}": 0.0 for k in METRIC_KEYS})
+                for name in classes:
+                    per_class[name].update({f"{iou_type}_AP": 0.0, f"{iou_type}_AP50": 0.0})
                 continue
             ev = COCOeval(gt, gt.loadRes(results), iou_type)
             ev.evaluate()
@@ -297,10 +300,11 @@ def finish(out: Path, cfg: DetectConfig, model, meta: dict, state: dict, n_train
                    val_images=len(val_records), dropped_degenerate_boxes=data.dropped_boxes)
     write_json(out / "metrics.json", metrics)
     predictions_png(out / "predictions.png", val_records[:6], outputs[:6], data.classes)
+    write_report(out)
     if not cfg.quiet:
         shown = "  ".join(f"{k} {metrics[k]:.3f}" for k in metrics if k.endswith(("_AP", "_AP50", "_AP75")))
         print(f"best epoch {state['best_epoch']}: {shown}  ({train_seconds:.0f}s)", flush=True)
-        print(f"outputs in {out}/: model.safetensors metrics.json log.jsonl predictions.png config.yaml", flush=True)
+        print(f"outputs in {out}/: model.safetensors metrics.json log.jsonl predictions.png report.html config.yaml", flush=True)
     return metrics
 
 
