@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import json
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -228,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("visiontune: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `visiontune classify predict ... | head`: the reader left, stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     return 0
 
 

@@ -30,6 +30,9 @@ def load_classifier(run_or_file: str | Path) -> tuple[Classifier, dict]:
     sd, meta = ckpt.load_model_file(model_path(run_or_file))
     if meta.get("task") != "classification":
         raise UserError(f"{run_or_file}: not a classification model (task: {meta.get('task')})")
+    missing = [k for k in ("model", "classes", "head", "preprocessing") if k not in meta]
+    if missing:
+        raise UserError(f"{run_or_file}: the model file's metadata lacks {', '.join(missing)}; it was not written by visiontune")
     backbone = build_backbone(meta["model"], weights="none")
     model = Classifier(backbone, len(meta["classes"]), head=meta["head"], bank_size=meta.get("bank_size", 1))
     model.load_state_dict(sd)
