@@ -62,9 +62,17 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
+def _with_ours(meta: dict[str, Any], **ours) -> dict[str, Any]:
+    """``meta`` plus the keys this module writes itself; a caller's key of the same name is a bug, never overwritten."""
+    clash = sorted(set(meta) & set(ours))
+    if clash:
+        raise ValueError(f"metadata key(s) {', '.join(clash)} are written by visiontune.checkpoint itself; name yours differently")
+    return {**meta, **ours}
+
+
 def _save(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    meta = dict(meta, format=FORMAT, weights_sha256=weights_digest(tensors))
+    meta = _with_ours(meta, format=FORMAT, weights_sha256=weights_digest(tensors))
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={META_KEY: json.dumps(meta)}))
 
 
@@ -95,7 +103,7 @@ def _load(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
 
 def save_model(path: str | Path, model: torch.nn.Module, meta: dict[str, Any]) -> None:
-    _save(path, model.state_dict(), dict(meta, kind="model"))
+    _save(path, model.state_dict(), _with_ours(meta, kind="model"))
 
 
 def load_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -153,7 +161,7 @@ def save_training_state(path: str | Path, model: torch.nn.Module, optimizer: tor
     opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
     rng_tensors, rng_meta = rng_state()
     tensors = {f"model/{k}": v for k, v in model.state_dict().items()} | opt_tensors | rng_tensors
-    meta = dict(meta, kind="training_state", optimizer=opt_meta, scheduler=scheduler.state_dict() if scheduler else None, rng=rng_meta)
+    meta = _with_ours(meta, kind="training_state", optimizer=opt_meta, scheduler=scheduler.state_dict() if scheduler else None, rng=rng_meta)
     _save(path, tensors, meta)
 
 
@@ -195,6 +203,9 @@ def resume_loader(loader, batches_done: int):
         def __len__(self):
             return max(0, len(self.sampler) - self.n)
 
+    common = dict(collate_fn=loader.collate_fn, num_workers=loader.num_workers, pin_memory=loader.pin_memory,
+                  worker_init_fn=loader.worker_init_fn, generator=torch.Generator())
+    if loader.batch_size is None:  # batches from a batch sampler of its own (detection's aspect-ratio groups)
+        return DataLoader(loader.dataset, batch_sampler=Skipping(loader.batch_sampler, batches_done), **common)
     return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=Skipping(loader.sampler, batches_done * loader.batch_size),
-                      drop_last=loader.drop_last, collate_fn=loader.collate_fn, num_workers=loader.num_workers,
-                      pin_memory=loader.pin_memory, worker_init_fn=loader.worker_init_fn, generator=torch.Generator())
+                      drop_last=loader.drop_last, **common)

@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--annotations", default=None, help="COCO JSON for --format coco")
     de.set_defaults(func=_detect_eval)
     dp = dsub.add_parser("predict", help="COCO-results JSON and rendered PNGs")
-    dp.add_argument("run")
+    dp.add_argument("run", help="run directory, model.safetensors, or a .onnx file from visiontune export")
     dp.add_argument("inputs", nargs="+")
     dp.add_argument("--score-threshold", type=float, default=0.5, help="(default: 0.5)")
     dp.add_argument("--output", default=None, help="folder for predictions.json and PNGs (default: RUN/predict)")
@@ -152,14 +152,19 @@ def _classify_train(args):
     from .engine.train import fit
 
     resume = getattr(args, "resume", False)
-    given = _settings(args, ClassifyConfig)
-    if resume:  # a flag given on the command line must agree with the run, even one equal to the default
+    fit(from_dict(ClassifyConfig, _train_settings(args, ClassifyConfig, resume)), resume=resume)
+
+
+def _train_settings(args: argparse.Namespace, cls, resume: bool) -> dict:
+    """The settings given; with --resume a flag given on the command line must agree with the run, even one equal to the default."""
+    given = _settings(args, cls)
+    if resume:
         from .runs import check_same_settings, saved_settings
 
         if not given.get("out"):
             raise UserError("--resume: pass --out RUN, the run to continue")
         check_same_settings(saved_settings(given["out"]), given, given["out"])
-    fit(from_dict(ClassifyConfig, given), resume=resume)
+    return given
 
 
 def _classify_eval(args):
@@ -192,7 +197,8 @@ def _classify_compare(args):
 def _detect_train(args):
     from .engine.detection import fit
 
-    fit(_config_from(args, DetectConfig), resume=getattr(args, "resume", False))
+    resume = getattr(args, "resume", False)
+    fit(from_dict(DetectConfig, _train_settings(args, DetectConfig, resume)), resume=resume)
 
 
 def _detect_eval(args):

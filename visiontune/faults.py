@@ -2,7 +2,8 @@
 
 ``VISIONTUNE_FAULT=POINT:COUNT[:SIGNAL]`` sends SIGNAL (default KILL; INT for a Ctrl-C) to this process the
 COUNT-th time it reaches POINT. Points: ``step`` (after a training step and its checkpoint), ``validate``
-(before validation), ``features`` (before the feature cache), ``finish`` (before the final files),
+(before validation; in detection, between the validation predictions and their COCO evaluation), ``features``
+(before the feature cache), ``finish`` (before the final files),
 ``write`` (any atomic file write, after the temporary file is half written and before it is renamed),
 ``write-model`` / ``write-last`` (only writes of model.safetensors / last.safetensors).
 Unset (always, outside tests) it costs one dictionary look-up.

@@ -21,14 +21,16 @@ from pycocotools import mask as mask_utils
 from torch.utils.data import DataLoader
 
 from .. import checkpoint as ckpt
-from ..config import DetectConfig, dump_yaml, from_dict, load_yaml
+from ..config import DetectConfig, dump_yaml, from_dict, to_dict
 from ..data.coco import load_coco, to_coco_api
 from ..data.images import load_rgb
 from ..data.instance import DetectionDataset, InstanceData, Record, collate, grouped_batches, load_pennfudan, split_records
 from ..errors import UserError
 from ..models.detection import CUSTOM_MODELS, build_detector, is_mask_model, trainable_parameters
 from ..report import write_report
-from ..runs import append_jsonl, check_out_dir, create_out_dir, write_json
+from ..faults import fault_point
+from ..runs import (Interrupted, append_jsonl, check_out_dir, check_same_settings, create_out_dir, saved_settings, stop_on_interrupt,
+                    write_json, write_jsonl)
 from . import distributed
 from .train import Diverged, seed_everything, select_device
 
@@ -90,18 +92,22 @@ def epoch_batches(dataset: DetectionDataset, batch_size: int, seed: int, epoch: 
     return DataLoader(distributed.SeededPerSample(dataset, seed, epoch), batch_sampler=batches, collate_fn=collate, num_workers=workers)
 
 
-def train_one_epoch(model, loader, optimizer, scheduler, device, epoch: int, clip_grad: float, progress: bool) -> dict:
-    """One pass: summed losses, stop on a non-finite loss, clip the gradient norm, step the per-step schedule."""
+def train_one_epoch(model, loader, optimizer, scheduler, device, epoch: int, clip_grad: float, progress: bool,
+                    start_step: int = 0, totals: dict | None = None, after_step=None) -> dict:
+    """One pass: summed losses, stop on a non-finite loss, clip the gradient norm, step the per-step schedule.
+    Resuming mid-epoch: ``loader`` lacks the first ``start_step`` batches and ``totals`` holds their running sums
+    (flat numbers, JSON for the checkpoint). ``after_step(step, totals)`` runs after each step (checkpoints, Ctrl-C)."""
     from tqdm import tqdm
 
     model.train()
     params = trainable_parameters(model)
-    sums: dict[str, float] = {}
-    losses, start, seen = [], time.perf_counter(), 0
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}", unit="batch", leave=False, disable=not progress)
-    for step, (images, targets) in enumerate(bar):
+    t = dict(totals or {"steps": 0, "seen": 0, "loss_sum": 0.0, "seconds": 0.0, "first_step_loss": None, "last_step_loss": None})
+    start = time.perf_counter() - t["seconds"]
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}", unit="batch", leave=False, disable=not progress, initial=start_step,
+               total=start_step + len(loader))
+    for step, (images, targets) in enumerate(bar, start=start_step):
         images = [im.to(device, non_blocking=True) for im in images]
-        targets = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in t.items()} for t in targets]
+        targets = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in target.items()} for target in targets]
         loss_dict = model(images, targets)
         loss = sum(loss_dict.values())
         if not torch.isfinite(loss):
@@ -114,15 +120,23 @@ def train_one_epoch(model, loader, optimizer, scheduler, device, epoch: int, cli
             torch.nn.utils.clip_grad_norm_(params, clip_grad)
         optimizer.step()
         scheduler.step()
-        losses.append(loss.item())
-        for k, v in loss_dict.items():
-            sums[k] = sums.get(k, 0.0) + v.item()
-        seen += len(images)
-        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+        value = loss.item()
+        t["steps"] += 1
+        t["seen"] += len(images)
+        t["loss_sum"] += value
+        for k, v in loss_dict.items():  # loss_classifier, loss_box_reg, loss_mask, loss_objectness, loss_rpn_box_reg
+            t[k] = t.get(k, 0.0) + v.item()
+        if t["first_step_loss"] is None:
+            t["first_step_loss"] = value
+        t["last_step_loss"] = value
+        bar.set_postfix(loss=f"{t['loss_sum'] / t['steps']:.3f}")
+        if after_step is not None:
+            after_step(step + 1, dict(t, seconds=time.perf_counter() - start))
     secs = time.perf_counter() - start
-    n = max(1, len(losses))
-    return {"train_loss": float(np.mean(losses)) if losses else None, **{k: v / n for k, v in sums.items()},
-            "train_seconds": secs, "train_images_per_second": seen / secs if secs > 0 else 0.0, "step_losses": losses}
+    n = max(1, t["steps"])
+    return {"train_loss": t["loss_sum"] / n if t["steps"] else None, **{k: v / n for k, v in t.items() if k.startswith("loss_")},
+            "train_seconds": secs, "train_images_per_second": t["seen"] / secs if secs > 0 else 0.0,
+            "first_step_loss": t["first_step_loss"], "last_step_loss": t["last_step_loss"]}
 
 
 # --------------------------------------------------------------------------------------------- evaluation
@@ -200,6 +214,7 @@ def evaluate_sharded(model, records: list[Record], classes: list[str], has_masks
     mine = distributed.shard(records)
     outputs = predict_records(model, [r.image for r in mine], device)
     parts = distributed.gather_objects((len(mine), coco_results(outputs, [r.image_id for r in mine])))
+    fault_point("validate")
     results = [r for _, part in parts for r in part]
     return {**coco_metrics(records, results, classes, has_masks), "val_images": sum(n for n, _ in parts)}
 
@@ -208,9 +223,11 @@ def evaluate_sharded(model, records: list[Record], classes: list[str], has_masks
 
 def fit(cfg: DetectConfig, resume: bool = False) -> dict:
     """Train a detector as ``cfg`` says and write the run directory. Returns metrics.json's content."""
-    if resume:
-        saved = load_yaml(Path(cfg.out) / "config.yaml")
-        cfg = from_dict(DetectConfig, {**saved, "out": cfg.out, "quiet": cfg.quiet})
+    if resume:  # the run's own settings; the caller's may only add what changes nothing (runs.MAY_CHANGE_ON_RESUME)
+        saved = saved_settings(cfg.out)
+        given = {k: v for k, v in to_dict(cfg).items() if v != getattr(DetectConfig, k, None)}
+        check_same_settings(saved, given, cfg.out)
+        cfg = from_dict(DetectConfig, {**saved, **given})
     cfg.validate()
     out = check_out_dir(cfg.out, cfg.overwrite, resume)
     device = distributed.init(select_device(cfg.device))
@@ -242,47 +259,84 @@ def fit(cfg: DetectConfig, resume: bool = False) -> dict:
     steps_per_epoch = len(distributed.split_batches(grouped_batches(train_ds, cfg.batch_size, torch.Generator())))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps_per_epoch, cfg.lr_step))
     key = "segm_AP" if data.has_masks else "bbox_AP"
-    state = {"best": -1.0, "best_epoch": -1, "history": [], "elapsed_before": 0.0}
-    first_epoch = 0
-    if resume:
-        saved_meta = ckpt.load_training_state(out / "last.safetensors", model, optimizer, scheduler)
-        distributed.check_resume(saved_meta, out / "last.safetensors")
-        first_epoch = saved_meta["epoch"]
+    state = {"best": -1.0, "best_epoch": -1, "history": [], "start": time.perf_counter(), "elapsed_before": 0.0}
+    # what a checkpoint must match to be resumed: the same images (by count and classes) give the same batches
+    data_check = {"classes": data.classes, "train_images": len(train_records), "val_images": len(val_records), "steps_per_epoch": steps_per_epoch}
+    last = out / "last.safetensors"
+
+    def save_last(epoch: int, step: int = 0, totals: dict | None = None) -> None:
+        """``last``: ``epoch`` epochs done and ``step`` batches of the next (with their running ``totals``)."""
+        totals = distributed.reduce_stats(totals) if totals else totals  # averaged: each process resumes from the mean
+        if distributed.is_main():
+            ckpt.save_training_state(last, model, optimizer, scheduler, {
+                "epoch": epoch, "step": step, "epoch_totals": totals, "best": state["best"], "best_epoch": state["best_epoch"],
+                "history": state["history"], "elapsed_seconds": state["elapsed_before"] + time.perf_counter() - state["start"],
+                "world_size": distributed.world_size(), "data": data_check})
+
+    first_epoch, first_step, epoch_totals = 0, 0, None
+    if resume and last.is_file():
+        saved_meta = ckpt.load_training_state(last, model, optimizer, scheduler)  # restores the RNG state too
+        distributed.check_resume(saved_meta, last)
+        if saved_meta.get("data", data_check) != data_check:  # (checkpoints of earlier versions lack "data")
+            raise UserError(f"--resume: the images in {cfg.data} changed since {last} was saved "
+                            f"(then {saved_meta.get('data')}, now {data_check}); resume needs the same data")
+        first_epoch, first_step, epoch_totals = saved_meta["epoch"], saved_meta.get("step", 0), saved_meta.get("epoch_totals")
         state.update(best=saved_meta["best"], best_epoch=saved_meta["best_epoch"], history=saved_meta["history"],
                      elapsed_before=saved_meta["elapsed_seconds"])
         if progress:
-            print(f"resuming {out} at epoch {first_epoch + 1}/{cfg.epochs}", flush=True)
+            print(f"resuming {out} at epoch {first_epoch + 1}/{cfg.epochs}, step {first_step}/{steps_per_epoch}", flush=True)
+    elif resume and progress:
+        print(f"{out} has no checkpoint yet: starting the run over", flush=True)
+    if resume and distributed.is_main():
+        write_jsonl(out / "log.jsonl", state["history"])  # drops a line logged after the checkpoint
     if progress:
         print(f"{model_name}{' on ' + cfg.backbone if cfg.backbone else ''}, "
               f"{len(data.classes)} class(es), {len(train_records)} train / {len(val_records)} val images, "
               f"{steps_per_epoch} steps per epoch", flush=True)
-    start = time.perf_counter()
 
-    for epoch in range(first_epoch, cfg.epochs):
-        torch.manual_seed(cfg.seed * 100_003 + epoch)  # flips: a function of (seed, epoch) alone
-        stats = train_one_epoch(distributed.for_training(model, device), epoch_batches(train_ds, cfg.batch_size, cfg.seed, epoch, workers), optimizer, scheduler,
-                                device, epoch, cfg.clip_grad, progress)
-        stats = distributed.reduce_stats(stats)
-        m = evaluate_sharded(model, val_records, data.classes, data.has_masks, device)
-        step_losses = stats.pop("step_losses")
-        entry = {"epoch": epoch + 1, **stats, "lr": optimizer.param_groups[0]["lr"],
-                 "first_step_loss": step_losses[0] if step_losses else None, "last_step_loss": step_losses[-1] if step_losses else None,
-                 **{k: v for k, v in m.items() if k != "per_class"},
-                 "elapsed_seconds": state["elapsed_before"] + time.perf_counter() - start}
-        state["history"].append(entry)
-        if not distributed.is_main():  # rank 0 alone logs, saves and prints
-            continue
-        append_jsonl(out / "log.jsonl", entry)
-        if m[key] > state["best"]:
-            state["best"], state["best_epoch"] = m[key], epoch + 1
-            ckpt.save_model(out / "model.safetensors", model, dict(meta, metrics={k: v for k, v in m.items() if k != "per_class"}, epoch=epoch + 1))
-        ckpt.save_training_state(out / "last.safetensors", model, optimizer, scheduler, {
-            "epoch": epoch + 1, "best": state["best"], "best_epoch": state["best_epoch"], "history": state["history"],
-            "elapsed_seconds": entry["elapsed_seconds"], "world_size": distributed.world_size()})
-        if progress:
-            shown = "  ".join(f"{k} {m[k]:.3f}" for k in m if k.endswith(("_AP", "_AP50")))
-            print(f"epoch {epoch + 1:>3}/{cfg.epochs} loss {stats['train_loss']:.3f}  {shown}  ({entry['elapsed_seconds']:.0f}s)", flush=True)
+    with stop_on_interrupt() as stop:
+        def interrupted(epoch: int, step: int) -> Interrupted:
+            return Interrupted(f"checkpoint saved at epoch {epoch + 1}, step {step}/{steps_per_epoch} in {last}; "
+                               f"continue with: visiontune detect train --out {out} --resume")
 
+        def after_step(epoch: int, step: int, totals: dict) -> None:
+            """Every step: a checkpoint every --checkpoint-every steps, and at once on Ctrl-C."""
+            stopping = distributed.any_process(stop.requested)  # every process stops after the same step
+            if stopping or (cfg.checkpoint_every and (epoch * steps_per_epoch + step) % cfg.checkpoint_every == 0):
+                save_last(epoch, step, totals)
+            if stopping:
+                raise interrupted(epoch, step)
+            fault_point("step")
+
+        for epoch in range(first_epoch, cfg.epochs):
+            loader = epoch_batches(train_ds, cfg.batch_size, cfg.seed, epoch, workers)
+            if first_step:  # mid-epoch: skip the batches done; the RNG state (proposal sampling) is the checkpoint's
+                loader = ckpt.resume_loader(loader, first_step)
+            else:
+                torch.manual_seed(cfg.seed * 100_003 + epoch)  # random draws: a function of (seed, epoch) alone
+            stats = train_one_epoch(distributed.for_training(model, device), loader, optimizer, scheduler, device, epoch, cfg.clip_grad,
+                                    progress, start_step=first_step, totals=epoch_totals,
+                                    after_step=lambda step, totals: after_step(epoch, step, totals))
+            first_step, epoch_totals = 0, None
+            stats = distributed.reduce_stats(stats)
+            m = evaluate_sharded(model, val_records, data.classes, data.has_masks, device)
+            entry = {"epoch": epoch + 1, **stats, "lr": optimizer.param_groups[0]["lr"], **{k: v for k, v in m.items() if k != "per_class"},
+                     "elapsed_seconds": state["elapsed_before"] + time.perf_counter() - state["start"]}
+            state["history"].append(entry)
+            if distributed.is_main():  # rank 0 alone logs, saves and prints
+                append_jsonl(out / "log.jsonl", entry)
+                if m[key] > state["best"]:
+                    state["best"], state["best_epoch"] = m[key], epoch + 1
+                    ckpt.save_model(out / "model.safetensors", model,
+                                    dict(meta, metrics={k: v for k, v in m.items() if k != "per_class"}, epoch=epoch + 1))
+            save_last(epoch + 1)
+            if progress:
+                shown = "  ".join(f"{k} {m[k]:.3f}" for k in m if k.endswith(("_AP", "_AP50")))
+                print(f"epoch {epoch + 1:>3}/{cfg.epochs} loss {stats['train_loss']:.3f}  {shown}  ({entry['elapsed_seconds']:.0f}s)", flush=True)
+            if distributed.any_process(stop.requested):
+                raise interrupted(epoch + 1, 0)
+
+    fault_point("finish")
     metrics = finish(out, cfg, model, meta, state, len(train_records), val_records, data, device) if distributed.is_main() else None
     return distributed.broadcast_object(metrics)
 
@@ -400,7 +454,13 @@ def predict_run(run: str | Path, inputs: list[str], score_threshold: float = 0.5
 
     if not 0.0 <= score_threshold <= 1.0:
         raise UserError(f"--score-threshold: must be between 0 and 1, got {score_threshold}")
-    model, meta = load_detector(run)
+    if str(run).endswith(".onnx"):  # a file from `visiontune export`, run by ONNX Runtime
+        from ..export import OnnxDetector
+
+        model = OnnxDetector(run)
+        meta = model.meta
+    else:
+        model, meta = load_detector(run)
     paths = expand_inputs(inputs)
     out_dir = Path(output) if output else (Path(run) if Path(run).is_dir() else Path(run).parent) / "predict"
     try:
