@@ -7,6 +7,12 @@
 
 ``predict_onnx`` runs an exported file with ONNX Runtime and prints what ``inference.predict`` prints;
 it needs neither PyTorch weights nor the training data.
+
+Detection runs (Mask/Faster R-CNN) export to ONNX only: input ``image``, ONE RGB image (3, H, W) float32 in [0, 1]
+of any size (the graph resizes and normalizes it itself); outputs ``boxes`` (N, 4) x1 y1 x2 y2 in input pixels,
+``labels`` (N,) int64 (1..classes, an index into ``classes`` plus one), ``scores`` (N,) sorted descending and, for
+Mask R-CNN, ``masks`` (N, 1, H, W) probabilities (threshold at 0.5). ``OnnxDetector`` runs such a file where
+``detect predict`` would run the PyTorch model.
 """
 from __future__ import annotations
 
@@ -64,8 +70,10 @@ def export(run: str | Path, fmt: str, output: str | Path) -> Path:
     if not out.parent.is_dir():
         raise UserError(f"--output: {out.parent} is not a directory")
     _, meta = ckpt.load_model_file(model_path(run))
+    if meta.get("task") == "detection":
+        return _export_detector(run, fmt, out)
     if meta.get("task") != "classification":
-        raise UserError(f"{run}: export supports classification models; this one is a {meta.get('task')} model")
+        raise UserError(f"{run}: export supports classification and detection models; this one is a {meta.get('task')} model")
     model, meta = load_classifier(run)
     size = meta["preprocessing"]["input_size"]
     example = torch.zeros(1, 3, size, size).contiguous(memory_format=torch.channels_last)
@@ -90,7 +98,9 @@ def read_onnx_metadata(path: str | Path):
     props = session.get_modelmeta().custom_metadata_map
     if "classes" not in props or "preprocessing" not in props:
         raise UserError(f"{p}: not a visiontune export (no class names or preprocessing in its metadata)")
-    return session, {"classes": json.loads(props["classes"]), "preprocessing": json.loads(props["preprocessing"])}
+    record = json.loads(props.get("visiontune", "{}"))
+    return session, {"classes": json.loads(props["classes"]), "preprocessing": json.loads(props["preprocessing"]),
+                     "task": record.get("task", "classification"), "visiontune": record}
 
 
 def predict_onnx(path: str | Path, inputs: list[str | Path], topk: int = 3, batch_size: int = 32) -> list[dict]:
@@ -102,6 +112,8 @@ def predict_onnx(path: str | Path, inputs: list[str | Path], topk: int = 3, batc
     from .inference import expand_inputs
 
     session, meta = read_onnx_metadata(path)
+    if meta["task"] != "classification":
+        raise UserError(f"{path}: an exported {meta['task']} model; use visiontune detect predict")
     p = meta["preprocessing"]
     tf = classification_eval(p["input_size"], p["resize_size"], p["mean"], p["std"])
     classes = meta["classes"]
@@ -117,3 +129,69 @@ def predict_onnx(path: str | Path, inputs: list[str | Path], topk: int = 3, batc
         for q, vals, idxs in zip(chunk, top.values, top.indices):
             results.append({"path": str(q), "predictions": [{"label": classes[j], "probability": round(float(v), 6)} for v, j in zip(vals, idxs)]})
     return results
+
+
+# --------------------------------------------------------------------------------------------- detection
+
+DETECTION_PREPROCESSING_NOTE = ("ONE RGB image per call, (3, H, W) float32 scaled to [0, 1], any size; the model itself resizes "
+                                "it (shorter side to min_size, longer side at most max_size) and normalizes with mean/std")
+DETECTION_OUTPUTS = ("boxes", "labels", "scores", "masks")
+
+
+def _export_detector(run: str | Path, fmt: str, out: Path) -> Path:
+    from .engine.detection import load_detector
+
+    if fmt != "onnx":
+        raise UserError(f"{run}: detection models export to ONNX only; use --format onnx")
+    model, meta = load_detector(run)
+    atomic_write(out, lambda tmp: _write_detector_onnx(model, meta, tmp))
+    print(f"wrote {out} (onnx, {meta['model']}{' on ' + meta['backbone'] if meta.get('backbone') else ''}, "
+          f"{len(meta['classes'])} classes: {', '.join(meta['classes'][:5])}{', ...' if len(meta['classes']) > 5 else ''}; "
+          f"one image per call, any size)")
+    return out
+
+
+def _write_detector_onnx(model: torch.nn.Module, meta: dict, tmp: str) -> None:
+    import onnx
+
+    outputs = list(DETECTION_OUTPUTS if meta["masks"] else DETECTION_OUTPUTS[:3])
+    axes = {"image": {1: "height", 2: "width"}, **{k: {0: "detections"} for k in outputs}}
+    if meta["masks"]:
+        axes["masks"] = {0: "detections", 2: "height", 3: "width"}
+    # a noise image: traced shapes stay symbolic (dynamic_axes), so its size only needs to be a plausible one
+    example = torch.rand(3, meta["min_size"], meta["max_size"], generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript-based exporter is deprecated but needs no onnxscript
+        torch.onnx.export(model, ([example],), tmp, dynamo=False, input_names=["image"], output_names=outputs,
+                          dynamic_axes=axes, opset_version=17)
+    prep = {"min_size": meta["min_size"], "max_size": meta["max_size"], "mean": list(model.transform.image_mean),
+            "std": list(model.transform.image_std), "steps": DETECTION_PREPROCESSING_NOTE, "outputs": outputs}
+    record = {k: v for k, v in meta.items() if k not in ("weights_sha256",)}
+    proto = onnx.load(tmp)
+    for key, value in {"classes": json.dumps(meta["classes"]), "preprocessing": json.dumps(prep), "visiontune": json.dumps(record)}.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.checker.check_model(proto)
+    onnx.save(proto, tmp)
+
+
+class OnnxDetector:
+    """An exported detector behind the PyTorch model's interface: a list of (3, H, W) float images in [0, 1] -> a list of
+    dicts of boxes, labels, scores (and masks), so ``detect predict`` runs it as it runs the PyTorch model."""
+
+    def __init__(self, path: str | Path):
+        self.session, info = read_onnx_metadata(path)
+        if info["task"] != "detection":
+            raise UserError(f"{path}: an exported {info['task']} model; use visiontune classify predict")
+        self.meta = info["visiontune"]
+        self.outputs = info["preprocessing"]["outputs"]
+
+    def eval(self) -> "OnnxDetector":
+        return self
+
+    def __call__(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        results = []
+        for image in images:
+            values = self.session.run(self.outputs, {"image": image.float().contiguous().cpu().numpy()})
+            results.append({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in zip(self.outputs, values)})
+        return results
