@@ -3,10 +3,14 @@
 Each run is the CLI in its own process (forked from a launcher that has imported torch, as in test_resume.py):
 Mask R-CNN on the smallest registry backbone (timm test_efficientnet, random init) over 6 synthetic 64 px
 Penn-Fudan images (4 train = 2 steps per epoch, 2 val), 2 epochs, a checkpoint every 3 steps (so one in the
-middle of epoch 2). One thread per process: the results are then reproducible on the CPU.
+middle of epoch 2). One thread per process: the results are then reproducible on the CPU, and the resumed runs
+are compared bit for bit (weights, optimizer and RNG states, log, metrics; timings aside). At this size the RPN and
+RoI samplers take every candidate, so torch's RNG state (also compared) would not show in the weights alone.
 """
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -28,19 +32,18 @@ class Launcher(test_resume.Launcher):
     """test_resume's launcher with the detection engine imported before any fork."""
 
     def __init__(self, workdir: Path):
-        import os
-
         self.workdir, self.count = workdir, 0
         env = {k: v for k, v in os.environ.items() if k != "VISIONTUNE_FAULT"}
         env.update(OMP_NUM_THREADS="1", VISIONTUNE_OFFLINE="1")
-        script = test_resume.LAUNCHER.replace("from visiontune.cli import main", "import visiontune.engine.detection\nfrom visiontune.cli import main", 1)
+        script = test_resume.LAUNCHER.replace("from visiontune.cli import main",
+                                              "import visiontune.engine.detection\nfrom visiontune.cli import main", 1)
         self.proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
 
 
 # Where each process of the SIGKILL chain kills itself (counted within that process), and the checkpoint it
 # leaves as (epochs done, steps into the next). Global steps 1..4, two per epoch; `last` after step 3 and each epoch.
 KILLS = [
-    ("write-last:1", None),   # writing the first checkpoint (end of epoch 1, best model already written): none yet, the resume starts over
+    ("write-last:1", None),   # writing the first checkpoint (end of epoch 1, after the best model): none yet, the resume starts over
     ("step:3", (1, 1)),       # mid-epoch 2, after the step-3 checkpoint
     ("validate:1", (1, 1)),   # in epoch 2's COCO evaluation (the predictions made, not yet scored)
     ("finish:1", (2, 0)),     # writing the final files
@@ -108,7 +111,7 @@ def test_ctrl_c_saves_a_checkpoint_exits_130_and_says_how_to_resume(runs):
     assert_same_run(runs["root"] / "interrupted", runs["root"] / "baseline")
 
 
-def test_resume_refuses_changed_settings_in_one_line(runs, capsys):
+def test_resume_refuses_changed_settings_and_data_in_one_line(runs, tmp_path, capsys):
     from visiontune.cli import main
 
     baseline = runs["root"] / "baseline"
@@ -119,6 +122,14 @@ def test_resume_refuses_changed_settings_in_one_line(runs, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and flag[0] in err[0] and "differs" in err[0], err
     assert {f.name: f.read_bytes() for f in baseline.iterdir()} == before
+    # the run's data folder now holds one more image: the batches would not be the same
+    run = tmp_path / "run"
+    shutil.copytree(baseline, run)
+    more = make_pennfudan(tmp_path / "more", n=7)
+    (run / "config.yaml").write_text((run / "config.yaml").read_text().replace(str(runs["data"]), str(more)))
+    assert main(["detect", "train", "--out", str(run), "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "changed" in err[0] and "resume needs the same data" in err[0], err
 
 
 def test_checkpoint_metadata_keys_of_its_own_cannot_be_overwritten(tmp_path):
