@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .checkpoint import atomic_write_text
 from .errors import UserError
+from .faults import fault_point
 
 MARKER = "config.yaml"
 # Settings a resumed run may change: they do not change what is computed (workers: augmentation is seeded per image).
@@ -67,6 +68,14 @@ def create_out_dir(out: Path, overwrite: bool, resume: bool = False) -> Path:
     return out
 
 
+def open_run_dir(out: Path, settings_yaml: str, overwrite: bool, resume: bool) -> None:
+    """Create (or, with --overwrite, empty) the run directory; a new run writes config.yaml and starts a new log."""
+    create_out_dir(out, overwrite, resume)
+    if not resume:
+        atomic_write_text(out / MARKER, settings_yaml)
+        (out / "log.jsonl").unlink(missing_ok=True)
+
+
 def write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
@@ -117,6 +126,33 @@ class Interrupted(UserError):
     """Ctrl-C: the run saved a checkpoint and stopped; exit code 130 like any interrupted command."""
 
     exit_code = 130
+
+
+class StepCheckpoints:
+    """A training loop's duties between steps: ``last`` every ``every`` steps; on Ctrl-C, a checkpoint and a stop
+    with the command that resumes. ``any_process`` makes every torchrun process stop after the same step."""
+
+    def __init__(self, stop, save_last, every: int, steps_per_epoch: int, last: Path, resume_command: str,
+                 any_process=lambda flag: flag):
+        self.stop, self.save_last, self.every, self.steps_per_epoch = stop, save_last, every, steps_per_epoch
+        self.last, self.resume_command, self.any_process = last, resume_command, any_process
+
+    def interrupted(self, epoch: int, step: int) -> Interrupted:
+        return Interrupted(f"checkpoint saved at epoch {epoch + 1}, step {step}/{self.steps_per_epoch} in {self.last}; "
+                           f"continue with: {self.resume_command}")
+
+    def after_step(self, epoch: int, step: int, totals: dict) -> None:
+        stopping = self.any_process(self.stop.requested)
+        if stopping or (self.every and (epoch * self.steps_per_epoch + step) % self.every == 0):
+            self.save_last(epoch, step, totals)
+        if stopping:
+            raise self.interrupted(epoch, step)
+        fault_point("step")
+
+    def after_epoch(self, epochs_done: int) -> None:
+        """Call once ``last`` holds the finished epoch."""
+        if self.any_process(self.stop.requested):
+            raise self.interrupted(epochs_done, 0)
 
 
 @contextmanager

@@ -21,7 +21,7 @@ from pycocotools import mask as mask_utils
 from torch.utils.data import DataLoader
 
 from .. import checkpoint as ckpt
-from ..config import DetectConfig, dump_yaml, from_dict, to_dict
+from ..config import DetectConfig, from_dict, to_dict, to_yaml
 from ..data.coco import load_coco, to_coco_api
 from ..data.images import load_rgb
 from ..data.instance import DetectionDataset, InstanceData, Record, collate, grouped_batches, load_pennfudan, split_records
@@ -29,8 +29,8 @@ from ..errors import UserError
 from ..models.detection import CUSTOM_MODELS, build_detector, is_mask_model, trainable_parameters
 from ..report import write_report
 from ..faults import fault_point
-from ..runs import (Interrupted, append_jsonl, check_out_dir, check_same_settings, create_out_dir, saved_settings, stop_on_interrupt,
-                    write_json, write_jsonl)
+from ..runs import (StepCheckpoints, append_jsonl, check_out_dir, check_same_settings, open_run_dir, saved_settings,
+                    stop_on_interrupt, write_json, write_jsonl)
 from . import distributed
 from .train import Diverged, seed_everything, select_device
 
@@ -245,10 +245,7 @@ def fit(cfg: DetectConfig, resume: bool = False) -> dict:
 
     distributed.barrier()  # every process has checked --out before rank 0 changes it
     if distributed.is_main():
-        create_out_dir(out, cfg.overwrite, resume)
-        if not resume:
-            dump_yaml(cfg, out / "config.yaml")
-            (out / "log.jsonl").unlink(missing_ok=True)
+        open_run_dir(out, to_yaml(cfg), cfg.overwrite, resume)
     model.to(device).to(memory_format=torch.channels_last)
     if cfg.sync_bn:
         model = distributed.sync_batchnorm(model, device)
@@ -295,19 +292,8 @@ def fit(cfg: DetectConfig, resume: bool = False) -> dict:
               f"{steps_per_epoch} steps per epoch", flush=True)
 
     with stop_on_interrupt() as stop:
-        def interrupted(epoch: int, step: int) -> Interrupted:
-            return Interrupted(f"checkpoint saved at epoch {epoch + 1}, step {step}/{steps_per_epoch} in {last}; "
-                               f"continue with: visiontune detect train --out {out} --resume")
-
-        def after_step(epoch: int, step: int, totals: dict) -> None:
-            """Every step: a checkpoint every --checkpoint-every steps, and at once on Ctrl-C."""
-            stopping = distributed.any_process(stop.requested)  # every process stops after the same step
-            if stopping or (cfg.checkpoint_every and (epoch * steps_per_epoch + step) % cfg.checkpoint_every == 0):
-                save_last(epoch, step, totals)
-            if stopping:
-                raise interrupted(epoch, step)
-            fault_point("step")
-
+        duties = StepCheckpoints(stop, save_last, cfg.checkpoint_every, steps_per_epoch, last,
+                                 f"visiontune detect train --out {out} --resume", distributed.any_process)
         for epoch in range(first_epoch, cfg.epochs):
             loader = epoch_batches(train_ds, cfg.batch_size, cfg.seed, epoch, workers)
             if first_step:  # mid-epoch: skip the batches done; the RNG state (proposal sampling) is the checkpoint's
@@ -316,7 +302,7 @@ def fit(cfg: DetectConfig, resume: bool = False) -> dict:
                 torch.manual_seed(cfg.seed * 100_003 + epoch)  # random draws: a function of (seed, epoch) alone
             stats = train_one_epoch(distributed.for_training(model, device), loader, optimizer, scheduler, device, epoch, cfg.clip_grad,
                                     progress, start_step=first_step, totals=epoch_totals,
-                                    after_step=lambda step, totals: after_step(epoch, step, totals))
+                                    after_step=lambda step, totals: duties.after_step(epoch, step, totals))
             first_step, epoch_totals = 0, None
             stats = distributed.reduce_stats(stats)
             m = evaluate_sharded(model, val_records, data.classes, data.has_masks, device)
@@ -333,8 +319,7 @@ def fit(cfg: DetectConfig, resume: bool = False) -> dict:
             if progress:
                 shown = "  ".join(f"{k} {m[k]:.3f}" for k in m if k.endswith(("_AP", "_AP50")))
                 print(f"epoch {epoch + 1:>3}/{cfg.epochs} loss {stats['train_loss']:.3f}  {shown}  ({entry['elapsed_seconds']:.0f}s)", flush=True)
-            if distributed.any_process(stop.requested):
-                raise interrupted(epoch + 1, 0)
+            duties.after_epoch(epoch + 1)
 
     fault_point("finish")
     metrics = finish(out, cfg, model, meta, state, len(train_records), val_records, data, device) if distributed.is_main() else None

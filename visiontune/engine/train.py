@@ -20,15 +20,15 @@ from torch.utils.data import DataLoader
 
 from .. import checkpoint as ckpt
 from .. import strategies
-from ..config import ClassifyConfig, dump_yaml, from_dict, to_dict
+from ..config import ClassifyConfig, from_dict, to_dict, to_yaml
 from ..data.classification import DecodedImages, decode_all, find_splits
 from ..data.transforms import classification_eval, classification_train
 from ..errors import UserError
 from ..models.backbones import build_backbone
 from ..models.classifier import Classifier
 from ..faults import fault_point
-from ..runs import (Interrupted, append_jsonl, check_out_dir, check_same_settings, create_out_dir, saved_settings, stop_on_interrupt,
-                    write_json, write_jsonl)
+from ..runs import (StepCheckpoints, append_jsonl, check_out_dir, check_same_settings, open_run_dir, saved_settings,
+                    stop_on_interrupt, write_json, write_jsonl)
 from . import distributed
 from .evaluate import classification_metrics, predict_logits
 from .features import cached_extract, fit_sklearn_head
@@ -261,10 +261,7 @@ def fit(cfg: ClassifyConfig, resume: bool = False) -> dict:
     # run directory: only now, with the inputs known good
     distributed.barrier()  # every process has checked --out before rank 0 changes it
     if distributed.is_main():
-        create_out_dir(out, cfg.overwrite, resume)
-        if not resume:
-            dump_yaml(cfg, out / "config.yaml")
-            (out / "log.jsonl").unlink(missing_ok=True)
+        open_run_dir(out, to_yaml(cfg), cfg.overwrite, resume)
     tb = tensorboard_writer(out) if cfg.tensorboard and distributed.is_main() else None
     model.to(device).to(memory_format=torch.channels_last)
     if cfg.sync_bn:
@@ -350,11 +347,11 @@ def fit(cfg: ClassifyConfig, resume: bool = False) -> dict:
         first_epoch, first_step, epoch_totals = saved_meta["epoch"], saved_meta["step"], saved_meta["epoch_totals"]
         state.update(best=saved_meta["best"], best_epoch=saved_meta["best_epoch"], history=saved_meta["history"],
                      elapsed_before=saved_meta["elapsed_seconds"])
-        if distributed.is_main():
-            write_jsonl(out / "log.jsonl", state["history"])  # drops a line logged after the checkpoint
         if progress:
             print(f"resuming {out} at epoch {first_epoch + 1}/{cfg.epochs}, step {first_step}/{steps_per_epoch}", flush=True)
-    elif 0 < first_epoch:
+    if resume and distributed.is_main():
+        write_jsonl(out / "log.jsonl", state["history"])  # drops lines logged after the checkpoint (all, without one)
+    if 0 < first_epoch and not from_checkpoint:
         with warnings.catch_warnings():  # the head phase used its own optimizer: move the schedule past it
             warnings.simplefilter("ignore", UserWarning)
             for _ in range(first_epoch * steps_per_epoch):
@@ -363,19 +360,8 @@ def fit(cfg: ClassifyConfig, resume: bool = False) -> dict:
     loss_fn = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
 
     with stop_on_interrupt() as stop:
-        def interrupted(epoch: int, step: int) -> Interrupted:
-            return Interrupted(f"checkpoint saved at epoch {epoch + 1}, step {step}/{steps_per_epoch} in {last}; "
-                               f"continue with: visiontune classify train --out {out} --resume")
-
-        def after_step(epoch: int, step: int, totals: dict) -> None:
-            """Every step: a checkpoint every --checkpoint-every steps, and at once on Ctrl-C."""
-            stopping = distributed.any_process(stop.requested)  # every process stops after the same step
-            if stopping or (cfg.checkpoint_every and (epoch * steps_per_epoch + step) % cfg.checkpoint_every == 0):
-                save_last(epoch, step, totals)
-            if stopping:
-                raise interrupted(epoch, step)
-            fault_point("step")
-
+        duties = StepCheckpoints(stop, save_last, cfg.checkpoint_every, steps_per_epoch, last,
+                                 f"visiontune classify train --out {out} --resume", distributed.any_process)
         for epoch in range(first_epoch, cfg.epochs):
             phase = strategies.phase_at(phases, epoch)
             strategies.apply(model, phase)
@@ -386,7 +372,7 @@ def fit(cfg: ClassifyConfig, resume: bool = False) -> dict:
                 torch.manual_seed(cfg.seed * 100_003 + epoch)  # random draws (dropout): a function of (seed, epoch) alone
             stats = train_one_epoch(distributed.for_training(model, device), loader, optimizer, scheduler, loss_fn, device, epoch,
                                     progress, start_step=first_step, totals=epoch_totals,
-                                    after_step=lambda step, totals: after_step(epoch, step, totals), bf16=bf16)
+                                    after_step=lambda step, totals: duties.after_step(epoch, step, totals), bf16=bf16)
             first_step, epoch_totals = 0, None
             stats = distributed.reduce_stats(stats)
             stats["lr"] = optimizer.param_groups[1]["lr"]
@@ -396,8 +382,7 @@ def fit(cfg: ClassifyConfig, resume: bool = False) -> dict:
                 logits = distributed.gather_cat(predict_logits(model, val_loader)[0])
             record(epoch, phase.name, stats, logits)
             save_last(epoch + 1)
-            if distributed.any_process(stop.requested):
-                raise interrupted(epoch + 1, 0)
+            duties.after_epoch(epoch + 1)
 
     fault_point("finish")
     val_paths = None if bad_val else [str(p) for p, _ in val_s.items]  # aligned with val_ds only when none was skipped
