@@ -37,6 +37,7 @@ def extract(backbone: nn.Module, dataset: DecodedImages, views: int = 1, batch_s
     from tqdm import tqdm
 
     backbone.eval()
+    device = next(backbone.parameters()).device
     feats, labels = [], []
     gen = torch.Generator().manual_seed(seed)
     total = views * len(dataset)
@@ -45,10 +46,11 @@ def extract(backbone: nn.Module, dataset: DecodedImages, views: int = 1, batch_s
             # The transforms draw from torch's global RNG: seed it per view so the cache is repeatable.
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
             for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0):
+                x = x.to(device, non_blocking=True)
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-                    feats.append(backbone(x).float())
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    feats.append(backbone(x).float().cpu())  # the cache lives on the CPU
                 labels.append(torch.as_tensor(y))
                 bar.update(len(y))
     return torch.cat(feats), torch.cat(labels)

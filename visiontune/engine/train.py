@@ -5,6 +5,7 @@ head on cached features (``features.py``) instead of pushing every image through
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import random
@@ -187,9 +188,10 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer, scheduler, 
 def train_head_on_features(model: Classifier, cfg: ClassifyConfig, recipe: Recipe, train_feats, val_feats, passes: int,
                            lr: float, on_epoch) -> None:
     """The head alone, many passes over cached features; keeps the best head by validation accuracy."""
-    (xf, yf), (xv, yv) = train_feats, val_feats
+    device = next(itertools.chain(model.head.parameters(), model.head.buffers())).device
+    (xf, yf), (xv, yv) = [(x.to(device), y.to(device)) for x, y in (train_feats, val_feats)]
     if cfg.head in SKLEARN_HEADS:
-        fit_sklearn_head(cfg.head, model.head, xf, yf, cfg.seed)
+        fit_sklearn_head(cfg.head, model.head, xf.cpu(), yf.cpu(), cfg.seed)
         with torch.no_grad():
             on_epoch(0, {"train_loss": None, "train_accuracy": None}, model.forward_head(xv))
         return

@@ -23,8 +23,8 @@ class KNNHead(nn.Module):
         self.register_buffer("bank_labels", torch.zeros(bank_size, dtype=torch.long))
 
     def set_bank(self, features: torch.Tensor, labels: torch.Tensor) -> None:
-        self.bank = nn.functional.normalize(features.float(), dim=1)
-        self.bank_labels = labels.long()
+        self.bank = nn.functional.normalize(features.float(), dim=1).to(self.bank.device)
+        self.bank_labels = labels.long().to(self.bank.device)
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
         sims = nn.functional.normalize(f.float(), dim=1) @ self.bank.T
