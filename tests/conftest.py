@@ -53,3 +53,10 @@ def make_class_folders(root: Path, classes=("red", "blue"), per_class: int = 6, 
 @pytest.fixture
 def tiny_folders(tmp_path: Path) -> Path:
     return make_class_folders(tmp_path / "data")
+
+
+@pytest.fixture(autouse=True)
+def _private_feature_cache(tmp_path_factory, monkeypatch):
+    """Tests never write into the user's ~/.cache: each session gets its own feature cache."""
+    if "VISIONTUNE_CACHE" not in os.environ:
+        monkeypatch.setenv("VISIONTUNE_CACHE", str(tmp_path_factory.getbasetemp() / "feature-cache"))

@@ -18,18 +18,6 @@ from pathlib import Path
 from .config import ClassifyConfig, DetectConfig, from_dict, load_yaml
 from .errors import UserError
 
-HELP_NOTES = {
-    "strategy": "full: all weights train; partial: first stages frozen; linear: frozen base, new head only; "
-                "staged: head first, then all with a lower base LR; auto: chosen from the data",
-    "recipe": "default (ours) or tutorial (the PyTorch tutorial exactly: batch 4, SGD 1e-3, StepLR(7), 25 epochs)",
-    "weights": "pretrained weights file (.safetensors or .pth state dict); 'none' for random init; default: embedded/cache/download",
-    "head": "linear, mlp (trained), or logreg, svm, knn (scikit-learn on cached features; --strategy linear)",
-    "batch_size": "the global batch: under torchrun each of N processes takes batch-size/N images per step "
-                  "(it must divide evenly), so a run learns the same on 1 process or N",
-    "sync_bn": "under torchrun on CUDA: the trainable BatchNorm layers use statistics of the global batch (SyncBatchNorm)",
-}
-
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2
         raise UserError(f"{self.prog}: {message}")
@@ -42,9 +30,9 @@ def _add_config_args(p: argparse.ArgumentParser, cls, skip: set[str] = frozenset
         if f.name in skip or f.name in positional:
             continue
         flag = "--" + f.name.replace("_", "-")
-        note = HELP_NOTES.get(f.name, "")
-        default = f.default
-        help_text = f"{note} (default: {default})" if note else f"(default: {default})"
+        help_text = f.metadata.get("help", "")
+        if f.default not in (None, "", False) and "(default" not in help_text:
+            help_text += f" (default: {f.default})"
         if f.type in ("bool", bool):
             p.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=help_text)
         else:

@@ -15,38 +15,52 @@ RECIPES = ("default", "tutorial")
 HEADS = ("linear", "mlp", "logreg", "svm", "knn")
 
 
+def setting(default: Any, help: str) -> Any:
+    """A config field with its ``--help`` text (the CLI makes one flag per field)."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 @dataclass
 class ClassifyConfig:
     """Everything a classification run needs; saved as RUN/config.yaml."""
 
-    data: str = ""
-    out: str = ""
-    val_data: str | None = None  # explicit validation folder (class folders)
-    val_split: float | None = None  # fraction held out from `data` when it has no val/
-    model: str = "efficientnet_lite0"
-    weights: str | None = None  # path, or "none" for random init
-    strategy: str = "linear"
-    trainable_stages: int | None = None  # partial: how many of the last stages train
-    freeze_until: str | None = None  # partial: freeze up to and including this stage
-    head: str = "linear"
-    recipe: str = "default"
-    epochs: int | None = None  # None: the recipe's default
-    batch_size: int | None = None
-    lr: float | None = None
-    weight_decay: float | None = None
-    image_size: int | None = None
-    views: int | None = None  # augmented views per image for the feature cache
-    workers: int | None = None
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "auto"  # auto: bf16 autocast where the hardware computes bf16 natively, else fp32; or bf16, fp32
-    skip_bad: bool = False
-    cache_dir: str | None = None  # feature cache; default ~/.cache/visiontune/features; "none": off
-    checkpoint_every: int = 0  # also save `last` every N steps (0: each epoch only)
-    quiet: bool = False
-    tensorboard: bool = False
-    overwrite: bool = False
-    sync_bn: bool = False  # under torchrun on CUDA: BatchNorm statistics over the global batch
+    data: str = setting("", "training images: DIR/train/<class>/* and DIR/val/<class>/*, or DIR/<class>/* with --val-split")
+    out: str = setting("", "run directory to write (model, metrics, report, checkpoints)")
+    val_data: str | None = setting(None, "validation class folders, when not DIR/val")
+    val_split: float | None = setting(None, "hold out this fraction of each class for validation (seeded, stratified)")
+    model: str = setting("efficientnet_lite0", "backbone: efficientnet_lite0/1/2 (embedded ImageNet weights), a torchvision "
+                                               "name (resnet18, vgg16, googlenet, mobilenet_v2, convnext_tiny, ...) or timm:NAME")
+    weights: str | None = setting(None, "pretrained weights file (.safetensors, or a .pth state dict); 'none' for random init "
+                                        "(default: embedded package, then local cache, then download)")
+    strategy: str = setting("linear", "full: all weights train; partial: first stages frozen; linear: frozen base, new head "
+                                      "only (fixed feature extractor); staged: head first, then all with a lower base LR; "
+                                      "auto: chosen from the data")
+    trainable_stages: int | None = setting(None, "partial: how many of the last stages train (default: the last third)")
+    freeze_until: str | None = setting(None, "partial: freeze every stage up to and including this one (e.g. blocks.3, layer2)")
+    head: str = setting("linear", "new classifier: linear, mlp (trained), or logreg, svm, knn (scikit-learn on cached "
+                                  "features; --strategy linear)")
+    recipe: str = setting("default", "default (ours), or tutorial (PyTorch's exactly: batch 4, SGD 1e-3 momentum 0.9, "
+                                     "StepLR(7, 0.1), 25 epochs)")
+    epochs: int | None = setting(None, "epochs (default: the recipe's; for linear, passes over the cached features)")
+    batch_size: int | None = setting(None, "the global batch: under torchrun each of N processes takes batch-size/N images per "
+                                           "step (it must divide evenly), so a run learns the same on 1 process or N "
+                                           "(default: the recipe's)")
+    lr: float | None = setting(None, "learning rate of the head; the base's is a fraction of it (default: the recipe's)")
+    weight_decay: float | None = setting(None, "weight decay (default: the recipe's)")
+    image_size: int | None = setting(None, "training crop size in pixels (default: the backbone's, e.g. 224)")
+    views: int | None = setting(None, "augmented views per training image in the feature cache (default: the recipe's)")
+    workers: int | None = setting(None, "DataLoader worker processes (default: 0; images are decoded once, in memory)")
+    seed: int = setting(0, "random seed: the same seed gives the same run")
+    device: str = setting("auto", "auto, cpu, cuda or mps")
+    precision: str = setting("auto", "auto (bf16 autocast where the hardware computes bf16 natively, else fp32), bf16 or fp32")
+    skip_bad: bool = setting(False, "skip unreadable images (counted in metrics.json) instead of stopping")
+    cache_dir: str | None = setting(None, "feature cache folder; 'none' turns it off (default: $VISIONTUNE_CACHE or "
+                                          "~/.cache/visiontune/features)")
+    checkpoint_every: int = setting(0, "also save the resumable checkpoint every N steps (0: after each epoch only)")
+    quiet: bool = setting(False, "no progress bars or per-epoch lines")
+    tensorboard: bool = setting(False, "also log scalars for TensorBoard in RUN/tensorboard (needs the tensorboard package)")
+    overwrite: bool = setting(False, "replace an existing run directory")
+    sync_bn: bool = setting(False, "under torchrun on CUDA: trainable BatchNorm layers use statistics of the global batch")
 
     def validate(self) -> "ClassifyConfig":
         if self.strategy not in STRATEGIES:
@@ -75,36 +89,37 @@ class ClassifyConfig:
 class DetectConfig:
     """Everything a detection / instance segmentation run needs; saved as RUN/config.yaml."""
 
-    data: str = ""
-    out: str = ""
-    format: str = "pennfudan"  # pennfudan | coco
-    annotations: str | None = None
-    val_data: str | None = None
-    val_annotations: str | None = None
-    val_split: float | None = None
-    val_last: int | None = None
-    model: str = "maskrcnn"  # a torchvision detection model name, or maskrcnn/fasterrcnn with --backbone
-    backbone: str | None = None
-    neck: str = "fpn"  # with --backbone: fpn (strides 8-32) or none (its last feature map, as the tutorial's mobilenet_v2)
-    weights: str | None = None
-    backbone_weights: str | None = None
-    trainable_backbone_layers: int | None = None
-    min_size: int = 320
-    max_size: int = 512
-    epochs: int = 3
-    batch_size: int = 2
-    lr: float = 0.005
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    lr_step: int = 3
-    clip_grad: float = 5.0
-    workers: int | None = None
-    seed: int = 0
-    device: str = "auto"
-    quiet: bool = False
-    overwrite: bool = False
-    checkpoint_every: int = 0
-    sync_bn: bool = False  # under torchrun on CUDA: BatchNorm statistics over the global batch
+    data: str = setting("", "Penn-Fudan layout (PNGImages/ + PedMasks/), or the image root for --format coco")
+    out: str = setting("", "run directory to write (model, metrics, report, checkpoints)")
+    format: str = setting("pennfudan", "pennfudan or coco")
+    annotations: str | None = setting(None, "COCO JSON (polygons, RLE or boxes only) for --format coco")
+    val_data: str | None = setting(None, "validation image root (or Penn-Fudan folder)")
+    val_annotations: str | None = setting(None, "COCO JSON of --val-data")
+    val_split: float | None = setting(None, "hold out this fraction of the images for validation (seeded)")
+    val_last: int | None = setting(None, "hold out the last N images for validation (the tutorial: 50)")
+    model: str = setting("maskrcnn", "maskrcnn or fasterrcnn on --backbone, or a torchvision COCO model: maskrcnn_resnet50_fpn(_v2), "
+                                     "fasterrcnn_resnet50_fpn(_v2), fasterrcnn_mobilenet_v3_large_fpn")
+    backbone: str | None = setting(None, "classification backbone of the registry for maskrcnn/fasterrcnn (default: efficientnet_lite0)")
+    neck: str = setting("fpn", "with --backbone: fpn (strides 8-32) or none (its last feature map, as the tutorial's mobilenet_v2)")
+    weights: str | None = setting(None, "COCO weights file for a torchvision detection model (default: local cache, then download)")
+    backbone_weights: str | None = setting(None, "ImageNet weights file for --backbone; 'none' for random init")
+    trainable_backbone_layers: int | None = setting(None, "torchvision models: how many backbone stages train (0-5)")
+    min_size: int = setting(320, "shorter image side the model resizes to")
+    max_size: int = setting(512, "longest image side the model allows")
+    epochs: int = setting(3, "passes over the training images")
+    batch_size: int = setting(2, "images per step (global under torchrun, split across processes)")
+    lr: float = setting(0.005, "SGD learning rate (warm-up in the first epoch)")
+    momentum: float = setting(0.9, "SGD momentum")
+    weight_decay: float = setting(5e-4, "weight decay")
+    lr_step: int = setting(3, "divide the learning rate by 10 every N epochs")
+    clip_grad: float = setting(5.0, "clip the gradient norm to this (0: off); heads that start from scratch need it")
+    workers: int | None = setting(None, "DataLoader worker processes (default: 0)")
+    seed: int = setting(0, "random seed")
+    device: str = setting("auto", "auto, cpu, cuda or mps")
+    quiet: bool = setting(False, "no progress bars or per-epoch lines")
+    overwrite: bool = setting(False, "replace an existing run directory")
+    checkpoint_every: int = setting(0, "also save the resumable checkpoint every N steps (0: after each epoch only)")
+    sync_bn: bool = setting(False, "under torchrun on CUDA: trainable BatchNorm layers use statistics of the global batch")
 
     def validate(self) -> "DetectConfig":
         if self.format not in ("pennfudan", "coco"):

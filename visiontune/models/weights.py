@@ -36,9 +36,9 @@ def load_state_dict_file(path: str | Path) -> StateDict:
             sd = load_file(str(p))
         else:
             sd = torch.load(str(p), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:  # weights_only refused an object: the file is more than tensors
-        raise UserError(f"--weights: {p}: holds Python objects besides tensors; refusing to unpickle it "
-                        "(save a plain state dict, or convert it to .safetensors)") from None
+    except pickle.UnpicklingError:  # garbage, or objects besides tensors that weights_only refused to build
+        raise UserError(f"--weights: {p}: cannot read weights: not a plain state dict of tensors "
+                        "(use .safetensors or a .pth state dict; other pickled objects are never loaded)") from None
     except Exception as e:  # noqa: BLE001 - any failure to read is the user's file
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"--weights: {p}: cannot read weights ({first[:200]})") from None
