@@ -26,7 +26,7 @@ browser:
 	test -x /usr/bin/chromium || [ "$$(id -u)" != 0 ] || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium chromium-driver; }
 
 test: install browser
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra --durations=10
 
 bench-quick: install
 	$(BIN)/python bench/classify.py --quick
