@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -41,12 +42,17 @@ def make_image(path: Path, color: tuple[int, int, int], size=(48, 40), seed: int
     return path
 
 
+def stable_seed(*parts) -> int:
+    """A seed from names that is the same in every process (``hash`` of a str changes with PYTHONHASHSEED)."""
+    return zlib.crc32("/".join(map(str, parts)).encode())
+
+
 def make_class_folders(root: Path, classes=("red", "blue"), per_class: int = 6, splits=("train", "val")) -> Path:
     colors = {"red": (220, 40, 40), "blue": (40, 40, 220), "green": (40, 200, 40)}
     for split in splits:
         for c in classes:
             for i in range(per_class):
-                make_image(root / split / c / f"{c}_{i}.png", colors.get(c, (128, 128, 128)), seed=hash((split, c, i)) % 1000)
+                make_image(root / split / c / f"{c}_{i}.png", colors.get(c, (128, 128, 128)), seed=stable_seed(split, c, i))
     return root
 
 

@@ -130,7 +130,7 @@ def choose_strategy(cfg: ClassifyConfig) -> Advice:
         estimated = full_epochs * len(train_s) * BACKWARD_COST / per_second
         measurements.update(probe_images=len(ys), probe_accuracy=round(accuracy, 4), chance_accuracy=round(chance, 4),
                             probe_score=round(probe_score, 4), feature_images_per_second=round(per_second, 1),
-                            estimated_full_finetune_seconds=round(estimated), device=str(device))
+                            estimated_full_finetune_seconds=float(f"{estimated:.3g}"), device=str(device))
     else:
         measurements["pretrained"] = "none"
     advice = decide(per_class, probe_score, estimated, len(backbone.stages))
