@@ -9,6 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+# The suite asserts bit-identical runs, which CUDA does not promise: every test (and every process it starts)
+# runs on the CPU. tests/test_cuda.py runs the GPU paths in subprocesses given this variable back.
+VISIBLE_GPUS = os.environ.get("CUDA_VISIBLE_DEVICES")
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "datasets"
 

@@ -17,8 +17,8 @@ def predict_logits(model: nn.Module, loader: DataLoader, channels_last: bool = T
         x = x.to(device, non_blocking=True)  # on the model's device (CUDA under torchrun)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        logits.append(model(x).float())
-        labels.append(torch.as_tensor(y))
+        logits.append(model(x).float().cpu())  # metrics, pictures and JSON work on the CPU
+        labels.append(torch.as_tensor(y).cpu())
     return torch.cat(logits), torch.cat(labels)
 
 
