@@ -13,7 +13,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from .checkpoint import atomic_write_text
+from .checkpoint import atomic_write_text, save_training_state
 from .errors import UserError
 from .faults import fault_point
 
@@ -93,6 +93,25 @@ def write_jsonl(path: Path, rows: list) -> None:
 
 
 # ------------------------------------------------------------------------- resume
+
+def save_last(path: Path, model, optimizer, scheduler, state: dict, data_check: dict, epoch: int, step: int = 0,
+              totals: dict | None = None) -> None:
+    """The ``last`` checkpoint: ``epoch`` epochs done and ``step`` batches of the next (with their running ``totals``).
+
+    ``state`` is the run's bookkeeping (best, best_epoch, history, elapsed_before, start); ``data_check`` what a
+    resumed run's data must match. Under torchrun every process calls this; rank 0 writes.
+    """
+    import time
+
+    from .engine import distributed
+
+    totals = distributed.reduce_stats(totals) if totals else totals  # averaged: each process resumes from the mean
+    if distributed.is_main():
+        save_training_state(path, model, optimizer, scheduler, {
+            "epoch": epoch, "step": step, "epoch_totals": totals, "best": state["best"], "best_epoch": state["best_epoch"],
+            "history": state["history"], "elapsed_seconds": state["elapsed_before"] + time.perf_counter() - state["start"],
+            "world_size": distributed.world_size(), "data": data_check})
+
 
 def saved_settings(out: str | Path) -> dict:
     """The settings a run was started with (RUN/config.yaml)."""

@@ -21,6 +21,7 @@ from pycocotools import mask as mask_utils
 from torch.utils.data import DataLoader
 
 from .. import checkpoint as ckpt
+from .. import runs
 from ..config import DetectConfig, from_dict, to_dict, to_yaml
 from ..data.coco import load_coco, to_coco_api
 from ..data.images import load_rgb
@@ -262,13 +263,7 @@ def fit(cfg: DetectConfig, resume: bool = False) -> dict:
     last = out / "last.safetensors"
 
     def save_last(epoch: int, step: int = 0, totals: dict | None = None) -> None:
-        """``last``: ``epoch`` epochs done and ``step`` batches of the next (with their running ``totals``)."""
-        totals = distributed.reduce_stats(totals) if totals else totals  # averaged: each process resumes from the mean
-        if distributed.is_main():
-            ckpt.save_training_state(last, model, optimizer, scheduler, {
-                "epoch": epoch, "step": step, "epoch_totals": totals, "best": state["best"], "best_epoch": state["best_epoch"],
-                "history": state["history"], "elapsed_seconds": state["elapsed_before"] + time.perf_counter() - state["start"],
-                "world_size": distributed.world_size(), "data": data_check})
+        runs.save_last(last, model, optimizer, scheduler, state, data_check, epoch, step, totals)
 
     first_epoch, first_step, epoch_totals = 0, 0, None
     if resume and last.is_file():

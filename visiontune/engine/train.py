@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .. import checkpoint as ckpt
-from .. import strategies
+from .. import runs, strategies
 from ..config import ClassifyConfig, from_dict, to_dict, to_yaml
 from ..data.classification import DecodedImages, decode_all, find_splits
 from ..data.transforms import classification_eval, classification_train
@@ -332,13 +332,7 @@ def fit(cfg: ClassifyConfig, resume: bool = False) -> dict:
     data_check = {"classes": classes, "train_images": len(train_ds), "val_images": len(val_ds), "steps_per_epoch": steps_per_epoch}
 
     def save_last(epoch: int, step: int = 0, totals: dict | None = None) -> None:
-        """``last``: ``epoch`` epochs done and ``step`` batches of the next (with their running ``totals``)."""
-        totals = distributed.reduce_stats(totals) if totals else totals  # averaged: each process resumes from the mean
-        if distributed.is_main():
-            ckpt.save_training_state(last, model, optimizer, scheduler, {
-                "epoch": epoch, "step": step, "epoch_totals": totals, "best": state["best"], "best_epoch": state["best_epoch"],
-                "history": state["history"], "elapsed_seconds": state["elapsed_before"] + time.perf_counter() - state["start"],
-                "world_size": distributed.world_size(), "data": data_check})
+        runs.save_last(last, model, optimizer, scheduler, state, data_check, epoch, step, totals)
 
     if from_checkpoint:
         saved_meta = ckpt.load_training_state(last, model, optimizer, scheduler)  # restores the RNG state too
