@@ -10,10 +10,12 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
 from .checkpoint import atomic_write_text, save_training_state
+from .engine import distributed
 from .errors import UserError
 from .faults import fault_point
 
@@ -101,10 +103,6 @@ def save_last(path: Path, model, optimizer, scheduler, state: dict, data_check: 
     ``state`` is the run's bookkeeping (best, best_epoch, history, elapsed_before, start); ``data_check`` what a
     resumed run's data must match. Under torchrun every process calls this; rank 0 writes.
     """
-    import time
-
-    from .engine import distributed
-
     totals = distributed.reduce_stats(totals) if totals else totals  # averaged: each process resumes from the mean
     if distributed.is_main():
         save_training_state(path, model, optimizer, scheduler, {
