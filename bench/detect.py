@@ -4,7 +4,8 @@
    with wall time.
 2. Issue 4 side by side: seconds for one training epoch of visiontune's loop vs a plain tutorial-style
    train_one_epoch (written out below: PNGs decoded every step, shuffled batches of 2, model in the default memory
-   format) on the same model (same seed), the same images and image size; and their ratio.
+   format, torchvision's 512 sampled RoIs per image) on the same model (same seed), the same images and image size;
+   and their ratio.
 3. Predict images/s (batched, from the run's model file).
 
     python bench/detect.py --data ../shared/datasets/PennFudanPed            # ~30 CPU-minutes
@@ -131,7 +132,8 @@ def main() -> None:
     result["final"] = {k: round(metrics[k], 4) for k in ("bbox_AP", "bbox_AP50", "bbox_AP75", "segm_AP", "segm_AP50", "segm_AP75")}
     result["settings"] = {"model": "maskrcnn + FPN over efficientnet_lite0 (embedded ImageNet weights)", "min_size": cfg.min_size,
                           "max_size": cfg.max_size, "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr,
-                          "clip_grad": cfg.clip_grad, "val_last": cfg.val_last}
+                          "clip_grad": cfg.clip_grad, "val_last": cfg.val_last,
+                          "rois_per_image": cfg.rois_per_image, "tutorial_loop_rois_per_image": 512}
 
     names = sorted(p.stem for p in (data / "PNGImages").glob("*.png"))[: -args.val_last]
     ours = log[0]["train_seconds"]

@@ -454,6 +454,13 @@ def case_coco_absolute_file_name(t, out):
              "--overwrite", "--quiet"], "escapes the image root")
 
 
+def case_detect_zero_rois_per_image(t, out):
+    root = t / "images"
+    make_image(root / "a.png", (1, 2, 3))
+    return (["detect", "train", "--data", str(root), "--out", str(out), "--rois-per-image", "0", "--overwrite", "--quiet"],
+            "--rois-per-image")
+
+
 CASES = {name[5:]: fn for name, fn in sorted(globals().items()) if name.startswith("case_")}
 UNPRIVILEGED = {"unreadable_image", "config_unreadable"}
 

@@ -15,8 +15,9 @@ def test_predictors_replaced_for_new_class_count_without_size_mismatch(tmp_path)
     coco = torchvision.models.get_model("maskrcnn_resnet50_fpn", weights=None, weights_backbone=None, num_classes=91)
     weights = tmp_path / "maskrcnn_coco.safetensors"  # stands in for the COCO file (no downloads offline)
     save_file({k: v.contiguous() for k, v in coco.state_dict().items()}, str(weights))
-    m = build_detector("maskrcnn_resnet50_fpn", 4, weights=str(weights), min_size=64, max_size=64)
+    m = build_detector("maskrcnn_resnet50_fpn", 4, weights=str(weights), min_size=64, max_size=64, rois_per_image=128)
     heads = m.roi_heads
+    assert heads.fg_bg_sampler.batch_size_per_image == 128  # --rois-per-image
     assert heads.box_predictor.cls_score.out_features == 4 and heads.box_predictor.bbox_pred.out_features == 16
     assert heads.mask_predictor.mask_fcn_logits.out_channels == 4
     sd = m.state_dict()

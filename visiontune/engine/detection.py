@@ -240,7 +240,7 @@ def fit(cfg: DetectConfig, resume: bool = False) -> dict:
     model_name = resolve_model_name(cfg, data.has_masks)
     model = build_detector(model_name, len(data.classes) + 1, backbone=cfg.backbone, weights=cfg.weights,
                            backbone_weights=cfg.backbone_weights, neck=cfg.neck, trainable_backbone_layers=cfg.trainable_backbone_layers,
-                           min_size=cfg.min_size, max_size=cfg.max_size)
+                           min_size=cfg.min_size, max_size=cfg.max_size, rois_per_image=cfg.rois_per_image)
     train_ds = DetectionDataset(train_records, train=True)
     workers = 0 if cfg.workers is None else cfg.workers
 

@@ -43,9 +43,16 @@ def is_mask_model(model: str) -> bool:
 
 def build_detector(model: str = "maskrcnn", num_classes: int = 2, *, backbone: str | None = None, weights: str | None = None,
                    backbone_weights: str | None = None, neck: str = "fpn", trainable_backbone_layers: int | None = None,
-                   min_size: int = 320, max_size: int = 512) -> nn.Module:
+                   min_size: int = 320, max_size: int = 512, rois_per_image: int = 512) -> nn.Module:
     """A detector for ``num_classes`` classes including background. ``weights``/``backbone_weights``: None = pretrained
-    (resolved in order), "none" = random init, else a file. ``model.pretrained`` records where weights came from."""
+    (resolved in order), "none" = random init, else a file. ``model.pretrained`` records where weights came from.
+    ``rois_per_image``: proposals sampled per image to train the box and mask heads (torchvision's default 512)."""
+    model = _build_detector(model, num_classes, backbone, weights, backbone_weights, neck, trainable_backbone_layers, min_size, max_size)
+    model.roi_heads.fg_bg_sampler.batch_size_per_image = rois_per_image
+    return model
+
+
+def _build_detector(model, num_classes, backbone, weights, backbone_weights, neck, trainable_backbone_layers, min_size, max_size):
     if num_classes < 2:
         raise UserError(f"a detector needs at least one object class (got {num_classes - 1})")
     if model in TORCHVISION_MODELS:
