@@ -6,7 +6,7 @@ Runners, each in its own process (so peak memory and thread settings are its own
   25 epochs, its train/val loop), on the embedded EfficientNet-Lite0 with the backbone's own mean/std.
 - ``fastai``: ``vision_learner(dls, arch)`` + ``fine_tune(5)``, batch 16, ``aug_transforms()``, same backbone.
 - ``visiontune_<strategy>``: ``visiontune.fit`` with the default recipe (a cold feature cache for linear/staged;
-  ``visiontune_linear`` also reports a second, warm-cache run).
+  ``visiontune_linear`` also reports a second, warm-cache run, and ``visiontune.predict``'s images/s on val/).
 - ``compute_limit``: forward+backward+step on pre-made tensors of the full recipe's batch shape and precision.
 
 Times are wall seconds from the start of each run's data setup (after imports). "seconds to target" is the time
@@ -187,7 +187,20 @@ def visiontune_runner(data: str, strategy: str, seed: int) -> dict:
         if strategy == "linear":
             warm = visiontune_run(data, strategy, seed, f"{tmp}/cache", f"{tmp}/run2")
             result["warm_cache"] = {k: warm[k] for k in ("wall_seconds", "best_val_accuracy")}
+            result["predict"] = predict_speed(f"{tmp}/run", Path(data) / "val")
     return result
+
+
+def predict_speed(run: str, images: Path) -> dict:
+    """``visiontune.predict`` over a folder (batches of 32, fp32, decoding included), after loading the model file."""
+    from visiontune.inference import expand_inputs, predict
+
+    paths = expand_inputs([images])
+    predict(run, paths[:1])  # loads and warms up; the timed call below loads the model file again, as a user's would
+    t = time.perf_counter()
+    predict(run, paths)
+    seconds = time.perf_counter() - t
+    return {"images": len(paths), "seconds": round(seconds, 2), "images_per_second": round(len(paths) / seconds, 1)}
 
 
 # --------------------------------------------------------------------------------------------- the compute limit
