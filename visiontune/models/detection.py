@@ -47,9 +47,9 @@ def build_detector(model: str = "maskrcnn", num_classes: int = 2, *, backbone: s
     """A detector for ``num_classes`` classes including background. ``weights``/``backbone_weights``: None = pretrained
     (resolved in order), "none" = random init, else a file. ``model.pretrained`` records where weights came from.
     ``rois_per_image``: proposals sampled per image to train the box and mask heads (torchvision's default 512)."""
-    model = _build_detector(model, num_classes, backbone, weights, backbone_weights, neck, trainable_backbone_layers, min_size, max_size)
-    model.roi_heads.fg_bg_sampler.batch_size_per_image = rois_per_image
-    return model
+    detector = _build_detector(model, num_classes, backbone, weights, backbone_weights, neck, trainable_backbone_layers, min_size, max_size)
+    detector.roi_heads.fg_bg_sampler.batch_size_per_image = rois_per_image
+    return detector
 
 
 def _build_detector(model, num_classes, backbone, weights, backbone_weights, neck, trainable_backbone_layers, min_size, max_size):
