@@ -114,8 +114,8 @@ class DetectConfig:
     lr_step: int = setting(3, "divide the learning rate by 10 every N epochs")
     clip_grad: float = setting(5.0, "clip the gradient norm to this (0: off); heads that start from scratch need it")
     rois_per_image: int = setting(512, "region proposals sampled per image to train the box and mask heads (torchvision's and the "
-                                  "tutorial's 512); on Penn-Fudan 256 cut a CPU epoch to ~0.75x and 128 to ~0.6x, with higher box "
-                                  "AP but lower mask AP after 3 epochs")
+                                  "tutorial's 512); on Penn-Fudan 256 made CPU epochs ~0.75x as long, for 0.01-0.03 less AP "
+                                  "after 5 epochs except bbox AP50")
     workers: int | None = setting(None, "DataLoader worker processes (default: 0)")
     seed: int = setting(0, "random seed")
     device: str = setting("auto", "auto, cpu, cuda or mps")
