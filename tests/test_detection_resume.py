@@ -13,15 +13,13 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 import test_resume
 from detection_helpers import make_pennfudan
-from test_resume import assert_same_run, observe
+from test_resume import assert_same_run, run_chains
 from visiontune import checkpoint as ckpt
 
 TRAIN = ["detect", "train", "--backbone", "timm:test_efficientnet", "--backbone-weights", "none", "--min-size", "64",
@@ -57,33 +55,7 @@ def runs(tmp_path_factory) -> dict:
     data = make_pennfudan(root / "data", n=6)
     start = lambda out: [*TRAIN, "--data", str(data), "--out", str(out)]  # noqa: E731
     resume = lambda out: ["detect", "train", "--out", str(out), "--resume"]  # noqa: E731
-
-    def kill_chain(run_cli) -> list[dict]:
-        out, seen = root / "killed", []
-        for i, (fault, _) in enumerate(KILLS + [(None, None)]):
-            seen.append(observe(out, fault, run_cli(start(out) if i == 0 else resume(out), fault=fault)))
-        return seen
-
-    def baseline_then_ctrl_c(run_cli) -> list[dict]:
-        seen = [observe(root / "baseline", None, run_cli(start(root / "baseline")))]
-        out = root / "interrupted"
-        seen.append(observe(out, "step:3:INT", run_cli(start(out), fault="step:3:INT")))
-        seen.append(observe(out, None, run_cli(resume(out))))
-        return seen
-
-    def in_own_launcher(chain) -> list[dict]:
-        launcher = Launcher(Path(tempfile.mkdtemp(dir=root)))
-        try:
-            return chain(launcher.run)
-        finally:
-            launcher.close()
-
-    with ThreadPoolExecutor(2) as pool:
-        kills, others = (pool.submit(in_own_launcher, chain) for chain in (kill_chain, baseline_then_ctrl_c))
-        result = {"kills": kills.result(), "others": others.result()}
-    baseline = result["others"][0]
-    assert baseline["rc"] == 0, baseline["stderr"]
-    return dict(result, root=root, data=data)
+    return dict(run_chains(root, Launcher, start, resume, KILLS, "step:3:INT"), root=root, data=data)
 
 
 def test_sigkill_at_four_points_then_resume_is_bit_identical(runs):

@@ -118,26 +118,47 @@ KILLS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def runs(data, tmp_path_factory) -> dict:
-    """Three independent experiments, two at a time (one thread each): the SIGKILL chain; the uninterrupted
-    baseline, then a Ctrl-C and its resume."""
-    root = tmp_path_factory.mktemp("runs")
-    start = lambda out: [*TRAIN, "--data", str(data), "--out", str(out)]  # noqa: E731
-    resume = lambda out: ["classify", "train", "--out", str(out), "--resume"]  # noqa: E731
+def run_chains(root: Path, launcher_cls, start, resume, kills, interrupt: str, **more) -> dict:
+    """The experiments of both resume suites, two at a time, each in its own launcher (one thread each):
+    "kills", the SIGKILL chain through ``kills`` and an uninterrupted finish; "others", the uninterrupted baseline,
+    then a run stopped by the ``interrupt`` fault and its resume; and ``more`` (name: chain(run_cli))."""
 
     def kill_chain(run_cli) -> list[dict]:
         out, seen = root / "killed", []
-        for i, (fault, _) in enumerate(KILLS + [(None, None)]):
+        for i, (fault, _) in enumerate(kills + [(None, None)]):
             seen.append(observe(out, fault, run_cli(start(out) if i == 0 else resume(out), fault=fault)))
         return seen
 
     def baseline_then_ctrl_c(run_cli) -> list[dict]:
         seen = [observe(root / "baseline", None, run_cli(start(root / "baseline")))]
         out = root / "interrupted"
-        seen.append(observe(out, "step:5:INT", run_cli(start(out), fault="step:5:INT")))
+        seen.append(observe(out, interrupt, run_cli(start(out), fault=interrupt)))
         seen.append(observe(out, None, run_cli(resume(out))))
         return seen
+
+    def in_own_launcher(chain) -> list[dict]:
+        launcher = launcher_cls(Path(tempfile.mkdtemp(dir=root)))
+        try:
+            return chain(launcher.run)
+        finally:
+            launcher.close()
+
+    chains = {"kills": kill_chain, "others": baseline_then_ctrl_c, **more}
+    with ThreadPoolExecutor(2) as pool:
+        futures = {name: pool.submit(in_own_launcher, chain) for name, chain in chains.items()}
+        result = {name: f.result() for name, f in futures.items()}
+    baseline = result["others"][0]
+    assert baseline["rc"] == 0, baseline["stderr"]
+    return result
+
+
+@pytest.fixture(scope="module")
+def runs(data, tmp_path_factory) -> dict:
+    """Three independent experiments, two at a time (one thread each): the SIGKILL chain; the uninterrupted
+    baseline, then a Ctrl-C and its resume; a kill while caching features and one after the cached head phase."""
+    root = tmp_path_factory.mktemp("runs")
+    start = lambda out: [*TRAIN, "--data", str(data), "--out", str(out)]  # noqa: E731
+    resume = lambda out: ["classify", "train", "--out", str(out), "--resume"]  # noqa: E731
 
     def cached_features_chain(run_cli) -> list[dict]:
         seen = [observe(root / "cached_baseline", None, run_cli([*CACHED, "--data", str(data), "--out", str(root / "cached_baseline")]))]
@@ -147,19 +168,7 @@ def runs(data, tmp_path_factory) -> dict:
         seen.append(observe(out, None, run_cli(resume(out))))
         return seen
 
-    def in_own_launcher(chain) -> list[dict]:
-        launcher = Launcher(Path(tempfile.mkdtemp(dir=root)))
-        try:
-            return chain(launcher.run)
-        finally:
-            launcher.close()
-
-    with ThreadPoolExecutor(2) as pool:
-        kills, others, cached = (pool.submit(in_own_launcher, chain) for chain in (kill_chain, baseline_then_ctrl_c, cached_features_chain))
-        result = {"kills": kills.result(), "others": others.result(), "cached": cached.result()}
-    baseline = result["others"][0]
-    assert baseline["rc"] == 0, baseline["stderr"]
-    return dict(result, root=root)
+    return dict(run_chains(root, Launcher, start, resume, KILLS, "step:5:INT", cached=cached_features_chain), root=root)
 
 
 def assert_same_run(run: Path, reference: Path) -> None:
