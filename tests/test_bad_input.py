@@ -454,6 +454,10 @@ def case_coco_absolute_file_name(t, out):
              "--overwrite", "--quiet"], "escapes the image root")
 
 
+def case_wise_alpha_out_of_range(t, out):
+    return train(folders(t), out, "--strategy", "full", "--wise-alpha", "0"), "--wise-alpha"
+
+
 def case_detect_zero_rois_per_image(t, out):
     root = t / "images"
     make_image(root / "a.png", (1, 2, 3))

@@ -19,17 +19,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from conftest import make_class_folders, make_image
 from visiontune import checkpoint as ckpt
 from visiontune.cli import main
+from visiontune.models.backbones import build_backbone
 
 TRAIN = ["classify", "train", "--model", "timm:test_efficientnet", "--weights", "none", "--image-size", "64",
          "--strategy", "staged", "--recipe", "tutorial", "--epochs", "3", "--lr", "0.05", "--checkpoint-every", "2", "--quiet"]
-# The default recipe's staged run: the head on cached backbone features first (one epoch), then two unfrozen epochs.
-CACHED = ["classify", "train", "--model", "timm:test_efficientnet", "--weights", "none", "--image-size", "64", "--strategy", "staged",
-          "--epochs", "3", "--cache-dir", "none", "--quiet"]
+# The default recipe's staged run: the head on cached backbone features first (one epoch), then two unfrozen epochs,
+# from a weights file (pretrained, as far as the run knows) and with --wise-alpha, so the kept model is an average.
+CACHED = ["classify", "train", "--model", "timm:test_efficientnet", "--image-size", "64", "--strategy", "staged",
+          "--epochs", "3", "--cache-dir", "none", "--wise-alpha", "0.5", "--quiet"]
 TIMING = {"train_seconds", "train_images_per_second", "elapsed_seconds"}
 
 
@@ -160,10 +162,15 @@ def runs(data, tmp_path_factory) -> dict:
     start = lambda out: [*TRAIN, "--data", str(data), "--out", str(out)]  # noqa: E731
     resume = lambda out: ["classify", "train", "--out", str(out), "--resume"]  # noqa: E731
 
+    weights = root / "test_efficientnet.safetensors"
+    torch.manual_seed(3)
+    save_file({k: v.contiguous() for k, v in build_backbone("timm:test_efficientnet", "none").module.state_dict().items()}, str(weights))
+    cached = [*CACHED, "--weights", str(weights)]
+
     def cached_features_chain(run_cli) -> list[dict]:
-        seen = [observe(root / "cached_baseline", None, run_cli([*CACHED, "--data", str(data), "--out", str(root / "cached_baseline")]))]
+        seen = [observe(root / "cached_baseline", None, run_cli([*cached, "--data", str(data), "--out", str(root / "cached_baseline")]))]
         out = root / "cached"
-        seen.append(observe(out, "features:1", run_cli([*CACHED, "--data", str(data), "--out", str(out)], fault="features:1")))
+        seen.append(observe(out, "features:1", run_cli([*cached, "--data", str(data), "--out", str(out)], fault="features:1")))
         seen.append(observe(out, "step:1", run_cli(resume(out), fault="step:1")))
         seen.append(observe(out, None, run_cli(resume(out))))
         return seen

@@ -47,6 +47,9 @@ class ClassifyConfig:
                                            "(default: the recipe's)")
     lr: float | None = setting(None, "learning rate of the head; the base's is a fraction of it (default: the recipe's)")
     weight_decay: float | None = setting(None, "weight decay (default: the recipe's)")
+    wise_alpha: float | None = setting(None, "full/staged/partial: the model evaluated and kept is alpha * fine-tuned + (1 - alpha) * "
+                                             "pretrained base weights (WiSE-FT); 1 keeps the fine-tuned weights (default: the recipe's, 0.5 for "
+                                             "full, else 1)")
     image_size: int | None = setting(None, "training crop size in pixels (default: the backbone's, e.g. 224)")
     views: int | None = setting(None, "augmented views per training image in the feature cache (default: the recipe's)")
     workers: int | None = setting(None, "DataLoader worker processes (default: 0; images are decoded once, in memory)")
@@ -74,6 +77,8 @@ class ClassifyConfig:
         _check_range("--lr", self.lr, 1e-8, 10.0)
         _check_range("--weight-decay", self.weight_decay, 0.0, 1.0)
         _check_range("--image-size", self.image_size, 32, 2048)
+        if self.wise_alpha is not None and not 0.0 < self.wise_alpha <= 1.0:
+            raise UserError(f"--wise-alpha: must be in (0, 1], got {self.wise_alpha}")
         _check_range("--views", self.views, 1, 100)
         _check_range("--workers", self.workers, 0, 64)
         if self.precision not in ("auto", "bf16", "fp32"):

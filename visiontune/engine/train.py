@@ -30,7 +30,7 @@ from ..models.classifier import Classifier
 from ..faults import fault_point
 from ..runs import (StepCheckpoints, append_jsonl, check_out_dir, check_same_settings, open_run_dir, saved_settings,
                     stop_on_interrupt, write_json, write_jsonl)
-from . import distributed
+from . import distributed, wise
 from .evaluate import classification_metrics, predict_logits
 from .features import cached_extract, fit_sklearn_head
 from .recipes import Recipe, recipe_for
@@ -97,6 +97,7 @@ def resolve_settings(cfg: ClassifyConfig) -> tuple[ClassifyConfig, Recipe]:
         lr=cfg.lr or recipe.lr,
         weight_decay=recipe.weight_decay if cfg.weight_decay is None else cfg.weight_decay,
         views=cfg.views or recipe.views,
+        wise_alpha=recipe.wise_alpha if cfg.wise_alpha is None else cfg.wise_alpha,
         workers=0 if cfg.workers is None else cfg.workers,
     )
     if cfg.head in SKLEARN_HEADS and cfg.strategy != "linear":
@@ -252,6 +253,8 @@ def fit(cfg: ClassifyConfig, resume: bool = False) -> dict:
     size = cfg.image_size or prep.input_size
     resize = int(round(size / prep.crop_pct))
     model = Classifier(backbone, len(train_s.classes), head=cfg.head, bank_size=len(train_s) * cfg.views if cfg.head == "knn" else 1)
+    # WiSE-FT averages with the pretrained base; taken before a resume loads the checkpoint, so it is the same then
+    pretrained_base = wise.pretrained_snapshot(model.backbone) if cfg.wise_alpha < 1.0 and backbone.pretrained != "none" else None
     phases = strategies.plan(cfg.strategy, backbone.stages, cfg.epochs, trainable_stages=cfg.trainable_stages,
                              freeze_until=cfg.freeze_until, head_epochs=recipe.head_epochs, backbone_lr_scale=recipe.backbone_lr_scale)
     train_imgs, train_labels, bad_train = decode_all(train_s, resize, cfg.skip_bad)
@@ -374,9 +377,10 @@ def fit(cfg: ClassifyConfig, resume: bool = False) -> dict:
             stats["lr"] = optimizer.param_groups[1]["lr"]
             fault_point("validate")
             distributed.broadcast_buffers(model)  # validate rank 0's model, one shard per process
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                logits = distributed.gather_cat(predict_logits(model, val_loader)[0])
-            record(epoch, phase.name, stats, logits)
+            with wise.averaged_with(model.backbone, pretrained_base, cfg.wise_alpha):  # validated and kept averaged
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    logits = distributed.gather_cat(predict_logits(model, val_loader)[0])
+                record(epoch, phase.name, stats, logits)
             save_last(epoch + 1)
             duties.after_epoch(epoch + 1)
 

@@ -7,7 +7,7 @@ bilinear weights / samples per bin): forward ``S @ X``, backward ``S.T @ dY``, w
 (positions, channels), which for a channels_last map is a free view.
 
 Used only where it gives the same result: CPU tensors, a fixed ``sampling_ratio`` (Mask R-CNN's 2), and not while
-tracing or scripting (ONNX export keeps torchvision's op).
+tracing, scripting or compiling (ONNX export keeps torchvision's op).
 """
 from __future__ import annotations
 
@@ -109,7 +109,7 @@ class SparseMultiScaleRoIAlign(MultiScaleRoIAlign):
     def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
         features = [x[name] for name in self.featmap_names]
         if (features[0].device.type != "cpu" or self.sampling_ratio <= 0 or torchvision._is_tracing()
-                or torch.jit.is_scripting()):
+                or torch.jit.is_scripting() or torch.compiler.is_compiling()):
             return super().forward(x, boxes, image_shapes)
         if self.scales is None or self.map_levels is None:
             self.scales, self.map_levels = _setup_scales(features, image_shapes, self.canonical_scale, self.canonical_level)
