@@ -119,7 +119,7 @@ class DetectConfig:
     lr_step: int = setting(3, "divide the learning rate by 10 every N epochs")
     clip_grad: float = setting(5.0, "clip the gradient norm to this (0: off); heads that start from scratch need it")
     rois_per_image: int = setting(512, "region proposals sampled per image to train the box and mask heads (torchvision's and the "
-                                  "tutorial's 512); on Penn-Fudan 256 made CPU epochs ~0.75x as long, for 0.01-0.03 less AP "
+                                  "tutorial's 512); on Penn-Fudan 256 made a CPU step ~0.86x as long, for 0.01-0.03 less AP "
                                   "after 5 epochs except bbox AP50")
     workers: int | None = setting(None, "DataLoader worker processes (default: 0)")
     seed: int = setting(0, "random seed")
