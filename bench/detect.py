@@ -8,7 +8,7 @@
    difference.
 3. Predict images/s (batched, from the run's model file).
 
-    python bench/detect.py --data ../shared/datasets/PennFudanPed            # ~30 CPU-minutes
+    python bench/detect.py --data ../shared/datasets/PennFudanPed            # 3 epochs each: ~15 minutes on 2 cores
     python bench/detect.py --quick                                           # a few minutes
 """
 from __future__ import annotations
