@@ -52,6 +52,18 @@ def stable_seed(*parts) -> int:
     return zlib.crc32("/".join(map(str, parts)).encode())
 
 
+def write_pretrained_weights(path: Path, model: str = "timm:test_efficientnet", seed: int = 3) -> Path:
+    """A backbone's random weights as a file: given as --weights, a run treats them as pretrained."""
+    import torch
+    from safetensors.torch import save_file
+
+    from visiontune.models.backbones import build_backbone
+
+    torch.manual_seed(seed)
+    save_file({k: v.contiguous() for k, v in build_backbone(model, "none").module.state_dict().items()}, str(path))
+    return path
+
+
 def make_class_folders(root: Path, classes=("red", "blue"), per_class: int = 6, splits=("train", "val")) -> Path:
     colors = {"red": (220, 40, 40), "blue": (40, 40, 220), "green": (40, 200, 40)}
     for split in splits:

@@ -19,12 +19,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from conftest import make_class_folders, make_image
+from conftest import make_class_folders, make_image, write_pretrained_weights
 from visiontune import checkpoint as ckpt
 from visiontune.cli import main
-from visiontune.models.backbones import build_backbone
 
 TRAIN = ["classify", "train", "--model", "timm:test_efficientnet", "--weights", "none", "--image-size", "64",
          "--strategy", "staged", "--recipe", "tutorial", "--epochs", "3", "--lr", "0.05", "--checkpoint-every", "2", "--quiet"]
@@ -162,10 +161,7 @@ def runs(data, tmp_path_factory) -> dict:
     start = lambda out: [*TRAIN, "--data", str(data), "--out", str(out)]  # noqa: E731
     resume = lambda out: ["classify", "train", "--out", str(out), "--resume"]  # noqa: E731
 
-    weights = root / "test_efficientnet.safetensors"
-    torch.manual_seed(3)
-    save_file({k: v.contiguous() for k, v in build_backbone("timm:test_efficientnet", "none").module.state_dict().items()}, str(weights))
-    cached = [*CACHED, "--weights", str(weights)]
+    cached = [*CACHED, "--weights", str(write_pretrained_weights(root / "test_efficientnet.safetensors"))]
 
     def cached_features_chain(run_cli) -> list[dict]:
         seen = [observe(root / "cached_baseline", None, run_cli([*cached, "--data", str(data), "--out", str(root / "cached_baseline")]))]

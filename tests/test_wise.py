@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from visiontune.cli import main
 from visiontune.engine import wise
-from visiontune.models.backbones import build_backbone
 
-from conftest import make_class_folders
+from conftest import make_class_folders, write_pretrained_weights
 
 
 def test_inside_the_average_and_after_exactly_the_weights_before():
@@ -36,10 +35,7 @@ def test_inside_the_average_and_after_exactly_the_weights_before():
 @pytest.fixture(scope="module")
 def pretrained_file(tmp_path_factory):
     """A 'pretrained' tiny timm backbone as a weights file (averaging is off for random init: nothing to keep)."""
-    torch.manual_seed(3)
-    path = tmp_path_factory.mktemp("weights") / "test_efficientnet.safetensors"
-    save_file({k: v.contiguous() for k, v in build_backbone("timm:test_efficientnet", "none").module.state_dict().items()}, str(path))
-    return path
+    return write_pretrained_weights(tmp_path_factory.mktemp("weights") / "test_efficientnet.safetensors")
 
 
 @pytest.mark.parametrize("alpha", [None, "1"])

@@ -17,7 +17,7 @@ import torch
 import torchvision
 from torch import Tensor, nn
 from torchvision.ops import MultiScaleRoIAlign
-from torchvision.ops.poolers import _setup_scales
+from torchvision.ops.poolers import _convert_to_roi_format, _setup_scales
 
 
 
@@ -113,7 +113,7 @@ class SparseMultiScaleRoIAlign(MultiScaleRoIAlign):
             return super().forward(x, boxes, image_shapes)
         if self.scales is None or self.map_levels is None:
             self.scales, self.map_levels = _setup_scales(features, image_shapes, self.canonical_scale, self.canonical_level)
-        rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], 1) for i, b in enumerate(boxes)])
+        rois = _convert_to_roi_format(boxes)
         if len(features) == 1:
             return sparse_roi_align(features[0], rois, self.output_size, self.scales[0], self.sampling_ratio)
         levels = self.map_levels(boxes)
