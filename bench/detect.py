@@ -64,23 +64,27 @@ class PennFudanDataset(torch.utils.data.Dataset):
         return len(self.names)
 
 
-def tutorial_train_one_epoch(model, optimizer, loader, clip_grad: float, warmup: bool) -> float:
-    """references/detection/engine.py's loop: warm-up in epoch 0, summed losses (plus the same gradient clipping)."""
+def tutorial_train_one_epoch(model, optimizer, loader, clip_grad: float, warmup: bool) -> tuple[float, dict]:
+    """references/detection/engine.py's loop: warm-up in epoch 0, summed losses (plus the same gradient clipping).
+    Returns its seconds and the mean of each loss (to set beside visiontune's log)."""
     model.train()
     sched = None
     if warmup:
         sched = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.001, total_iters=min(1000, len(loader) - 1))
+    sums: dict[str, float] = {}
     start = time.perf_counter()
     for images, targets in loader:
         loss_dict = model(list(images), [dict(t) for t in targets])
         losses = sum(loss_dict.values())
+        for k, v in loss_dict.items():
+            sums[k] = sums.get(k, 0.0) + v.item()
         optimizer.zero_grad()
         losses.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
         optimizer.step()
         if sched is not None:
             sched.step()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, {k: round(v / len(loader), 4) for k, v in sums.items()}
 
 
 def tutorial_baseline(root: Path, names: list[str], cfg: DetectConfig) -> dict:
@@ -93,13 +97,15 @@ def tutorial_baseline(root: Path, names: list[str], cfg: DetectConfig) -> dict:
     lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=0.1)
     loader = torch.utils.data.DataLoader(PennFudanDataset(root, names), batch_size=2, shuffle=True, num_workers=0,
                                          collate_fn=lambda b: tuple(zip(*b)))
-    seconds = []
+    seconds, losses = [], []
     for epoch in range(cfg.epochs):
-        seconds.append(tutorial_train_one_epoch(model, optimizer, loader, cfg.clip_grad, warmup=epoch == 0))
+        secs, mean_losses = tutorial_train_one_epoch(model, optimizer, loader, cfg.clip_grad, warmup=epoch == 0)
+        seconds.append(secs)
+        losses.append(mean_losses)
         lr_scheduler.step()
     _, val_records, data = load_splits(cfg)
     metrics, _ = evaluate_model(model.eval(), val_records, data.classes, data.has_masks, torch.device("cpu"))
-    return {"epoch_seconds": [round(x, 1) for x in seconds], "final": {k: round(metrics[k], 4) for k in AP_KEYS}}
+    return {"epoch_seconds": [round(x, 1) for x in seconds], "epoch_losses": losses, "final": {k: round(metrics[k], 4) for k in AP_KEYS}}
 
 
 # --------------------------------------------------------------------------------------------- main
@@ -120,6 +126,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--min-size", type=int, default=320)
     ap.add_argument("--max-size", type=int, default=512)
+    ap.add_argument("--lr-step", type=int, default=DetectConfig.lr_step, help="StepLR step (epochs), both loops")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="16 images, 1 epoch, 160-224 px: a few minutes")
     ap.add_argument("--skip-baseline", action="store_true")
@@ -133,17 +140,18 @@ def main() -> None:
               "load_average_before": load_average()}
 
     cfg = DetectConfig(data=str(data), out=str(work / "run"), val_last=args.val_last, epochs=args.epochs, min_size=args.min_size,
-                       max_size=args.max_size, seed=args.seed, quiet=True)
+                       max_size=args.max_size, lr_step=args.lr_step, seed=args.seed, quiet=True)
     start = time.perf_counter()
     metrics = fit(cfg)
     result["visiontune_wall_seconds"] = round(time.perf_counter() - start, 1)
     log = [json.loads(line) for line in (work / "run" / "log.jsonl").read_text().splitlines()]
     result["per_epoch"] = [{k: round(e[k], 4) if isinstance(e[k], float) else e[k] for k in
-                            ("epoch", "train_loss", "bbox_AP", "bbox_AP50", "segm_AP", "segm_AP50", "train_seconds", "elapsed_seconds")}
+                            ("epoch", "train_loss", "loss_mask", "bbox_AP", "bbox_AP50", "bbox_AP75", "segm_AP", "segm_AP50", "segm_AP75",
+                             "train_seconds", "elapsed_seconds")}
                            for e in log]
     result["final"] = {k: round(metrics[k], 4) for k in AP_KEYS}
     result["settings"] = {"model": "maskrcnn + FPN over efficientnet_lite0 (embedded ImageNet weights)", "min_size": cfg.min_size,
-                          "max_size": cfg.max_size, "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr,
+                          "max_size": cfg.max_size, "epochs": cfg.epochs, "lr_step": cfg.lr_step, "batch_size": cfg.batch_size, "lr": cfg.lr,
                           "clip_grad": cfg.clip_grad, "val_last": cfg.val_last,
                           "rois_per_image": cfg.rois_per_image, "tutorial_loop_rois_per_image": 512}
 
