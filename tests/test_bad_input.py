@@ -427,6 +427,18 @@ def case_predict_zero_topk(t, out):
     return ["classify", "predict", str(t / "run"), str(t / "img.png"), "--topk", "0"], "--topk"
 
 
+def case_predict_unknown_device(t, out):
+    model_file(t / "run" / "model.safetensors")
+    make_image(t / "img.png", (200, 0, 0))
+    return ["classify", "predict", str(t / "run"), str(t / "img.png"), "--device", "tpu"], "--device: unknown device 'tpu'"
+
+
+def case_predict_onnx_on_a_gpu(t, out):
+    (t / "model.onnx").write_bytes(b"exported elsewhere")
+    make_image(t / "img.png", (200, 0, 0))
+    return ["detect", "predict", str(t / "model.onnx"), str(t / "img.png"), "--device", "cuda"], "run on the CPU"
+
+
 def case_eval_unknown_classes(t, out):
     model_file(t / "run" / "model.safetensors")
     data = make_class_folders(t / "data", classes=("red", "green"), per_class=2, splits=("val",))

@@ -46,12 +46,16 @@ def test_classification_trains_evaluates_and_predicts_on_cuda(tmp_path: Path, st
     assert train.returncode == 0, train.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["best_val_accuracy"] >= 0.9 and sum(map(sum, metrics["confusion_matrix"])) == 16
-    evaluated = run("-m", "visiontune", "classify", "eval", str(out), "--data", str(data))
-    assert evaluated.returncode == 0, evaluated.stderr
-    predicted = run("-m", "visiontune", "classify", "predict", str(out), str(data / "val" / "red"))
-    lines = [json.loads(line) for line in predicted.stdout.splitlines()]
-    assert predicted.returncode == 0 and len(lines) == 8
-    assert sum(line["predictions"][0]["label"] == "red" for line in lines) >= 7
+    evaluated = {d: run("-m", "visiontune", "classify", "eval", str(out), "--data", str(data), "--device", d) for d in ("cuda", "cpu")}
+    assert all(e.returncode == 0 for e in evaluated.values()), evaluated["cuda"].stderr
+    assert json.loads(evaluated["cuda"].stdout)["accuracy"] == json.loads(evaluated["cpu"].stdout)["accuracy"]
+    predicted = {d: run("-m", "visiontune", "classify", "predict", str(out), str(data / "val" / "red"), "--device", d) for d in ("cuda", "cpu")}
+    lines = {d: [json.loads(line) for line in p.stdout.splitlines()] for d, p in predicted.items()}
+    assert predicted["cuda"].returncode == 0 and len(lines["cuda"]) == 8, predicted["cuda"].stderr
+    assert sum(line["predictions"][0]["label"] == "red" for line in lines["cuda"]) >= 7
+    for on_gpu, on_cpu in zip(lines["cuda"], lines["cpu"]):  # the same model on either device: the same answers
+        assert on_gpu["predictions"][0]["label"] == on_cpu["predictions"][0]["label"]
+        assert abs(on_gpu["predictions"][0]["probability"] - on_cpu["predictions"][0]["probability"]) < 1e-3
 
 
 def test_torchrun_one_process_uses_nccl_on_cuda(tmp_path: Path):
@@ -72,3 +76,10 @@ def test_detection_trains_and_evaluates_on_cuda(tmp_path: Path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"bbox_AP", "segm_AP"} <= metrics.keys()
     assert (out / "predictions.png").stat().st_size > 0
+    evaluated = run("-m", "visiontune", "detect", "eval", str(out), "--data", str(data), "--device", "cuda")
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert json.loads(evaluated.stdout)["images"] == 8
+    predicted = run("-m", "visiontune", "detect", "predict", str(out), str(data / "PNGImages"), "--output", str(tmp_path / "p"),
+                    "--device", "cuda")
+    assert predicted.returncode == 0, predicted.stderr
+    assert len(list((tmp_path / "p").glob("*.png"))) == 8 and (tmp_path / "p" / "predictions.json").is_file()

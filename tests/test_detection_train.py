@@ -39,6 +39,13 @@ def test_pennfudan_run_writes_metrics_model_and_pictures(tmp_path):
     results = json.loads((tmp_path / "pred" / "predictions.json").read_text())
     assert pred["images"] == 2 and len(list((tmp_path / "pred").glob("*.png"))) == 2
     assert results and {"file_name", "bbox", "score", "segmentation", "category"} <= set(results[0])
+    # a threshold inside the model (fewer masks pasted) gives exactly the detections above it
+    scores = sorted({r["score"] for r in results})
+    threshold = (scores[len(scores) // 2 - 1] + scores[len(scores) // 2]) / 2
+    predict_run(run, [str(data / "PNGImages" / "img00.png"), str(data / "PNGImages" / "img01.png")], score_threshold=threshold,
+                output=str(tmp_path / "above"), quiet=True)
+    above = json.loads((tmp_path / "above" / "predictions.json").read_text())
+    assert 0 < len(above) < len(results) and above == [r for r in results if r["score"] >= threshold]
 
 
 def test_resume_continues_where_it_stopped(tmp_path):

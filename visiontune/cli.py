@@ -99,11 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run", help="run directory or model.safetensors")
     e.add_argument("--data", required=True, help="class folders (or a DIR with val/)")
     e.add_argument("--skip-bad", action="store_true", help="skip unreadable images instead of stopping")
+    _add_device_arg(e)
     e.set_defaults(func=_classify_eval)
     pr = csub.add_parser("predict", help="top-k labels for images, one JSON line each")
     pr.add_argument("run", help="run directory, model.safetensors, or an exported .onnx file")
     pr.add_argument("inputs", nargs="+", help="image files or folders")
     pr.add_argument("--topk", type=int, default=3, help="labels per image (default: 3)")
+    _add_device_arg(pr)
     pr.set_defaults(func=_classify_predict)
     cmp_ = csub.add_parser("compare", help="train every strategy under the same budget; table and plot")
     _add_config_args(cmp_, ClassifyConfig, skip={"strategy"})
@@ -120,12 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--data", required=True)
     de.add_argument("--format", default=None, help="pennfudan or coco (default: the run's)")
     de.add_argument("--annotations", default=None, help="COCO JSON for --format coco")
+    _add_device_arg(de)
     de.set_defaults(func=_detect_eval)
     dp = dsub.add_parser("predict", help="COCO-results JSON and rendered PNGs")
     dp.add_argument("run", help="run directory, model.safetensors, or a .onnx file from visiontune export")
     dp.add_argument("inputs", nargs="+")
     dp.add_argument("--score-threshold", type=float, default=0.5, help="(default: 0.5)")
     dp.add_argument("--output", default=None, help="folder for predictions.json and PNGs (default: RUN/predict)")
+    _add_device_arg(dp)
     dp.set_defaults(func=_detect_predict)
 
     ex = tasks.add_parser("export", help="export a trained model to ONNX or TorchScript")
@@ -155,10 +159,14 @@ def _train_settings(args: argparse.Namespace, cls, resume: bool) -> dict:
     return given
 
 
+def _add_device_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto, as training)")
+
+
 def _classify_eval(args):
     from .inference import evaluate
 
-    m = evaluate(args.run, args.data, skip_bad=args.skip_bad)
+    m = evaluate(args.run, args.data, skip_bad=args.skip_bad, device=args.device)
     print(f"accuracy {m['accuracy']:.4f} on {sum(v['support'] for v in m['per_class'].values())} images", file=sys.stderr)
     for name, v in m["per_class"].items():
         print(f"  {name:<20} precision {v['precision']:.3f}  recall {v['recall']:.3f}  f1 {v['f1']:.3f}  n={v['support']}", file=sys.stderr)
@@ -172,7 +180,7 @@ def _classify_predict(args):
         from .export import predict_onnx as run_predict
     else:
         from .inference import predict as run_predict
-    for r in run_predict(args.run, args.inputs, topk=args.topk):
+    for r in run_predict(args.run, args.inputs, topk=args.topk, device=args.device):
         print(json.dumps(r))
 
 
@@ -192,13 +200,13 @@ def _detect_train(args):
 def _detect_eval(args):
     from .engine.detection import evaluate_run
 
-    print(json.dumps(evaluate_run(args.run, args.data, fmt=args.format, annotations=args.annotations)))
+    print(json.dumps(evaluate_run(args.run, args.data, fmt=args.format, annotations=args.annotations, device=args.device)))
 
 
 def _detect_predict(args):
     from .engine.detection import predict_run
 
-    predict_run(args.run, args.inputs, score_threshold=args.score_threshold, output=args.output)
+    predict_run(args.run, args.inputs, score_threshold=args.score_threshold, output=args.output, device=args.device)
 
 
 def _export(args):

@@ -103,7 +103,13 @@ def read_onnx_metadata(path: str | Path):
                      "task": record.get("task", "classification"), "visiontune": record}
 
 
-def predict_onnx(path: str | Path, inputs: list[str | Path], topk: int = 3, batch_size: int = 32) -> list[dict]:
+def onnx_on_cpu(device: str) -> None:
+    """Exported files run on ONNX Runtime's CPU provider: a GPU asked for is refused, not silently ignored."""
+    if device not in ("auto", "cpu"):
+        raise UserError(f"--device {device}: .onnx files run on the CPU (ONNX Runtime); predict from the run directory to use {device}")
+
+
+def predict_onnx(path: str | Path, inputs: list[str | Path], topk: int = 3, batch_size: int = 32, device: str = "auto") -> list[dict]:
     """Top-k labels for each image with ONNX Runtime; the same output as ``inference.predict``."""
     from torchvision.transforms.v2 import functional as TF
 
@@ -111,6 +117,7 @@ def predict_onnx(path: str | Path, inputs: list[str | Path], topk: int = 3, batc
     from .data.transforms import classification_eval
     from .inference import expand_inputs
 
+    onnx_on_cpu(device)
     session, meta = read_onnx_metadata(path)
     if meta["task"] != "classification":
         raise UserError(f"{path}: an exported {meta['task']} model; use visiontune detect predict")

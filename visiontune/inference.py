@@ -11,6 +11,7 @@ from .data.classification import DecodedImages, decode_all, scan_folder, Samples
 from .data.images import is_image_file, load_rgb
 from .data.transforms import classification_eval
 from .engine.evaluate import classification_metrics, predict_logits
+from .engine.train import select_device
 from .errors import UserError
 from .models.backbones import build_backbone
 from .models.classifier import Classifier
@@ -25,8 +26,9 @@ def model_path(run_or_file: str | Path) -> Path:
     return p
 
 
-def load_classifier(run_or_file: str | Path) -> tuple[Classifier, dict]:
-    """Rebuild the architecture from the file's metadata and load its weights (no pretrained download)."""
+def load_classifier(run_or_file: str | Path, device: str = "cpu") -> tuple[Classifier, dict]:
+    """Rebuild the architecture from the file's metadata and load its weights (no pretrained download),
+    in eval mode on ``device`` (auto, cpu, cuda or mps)."""
     sd, meta = ckpt.load_model_file(model_path(run_or_file))
     if meta.get("task") != "classification":
         raise UserError(f"{run_or_file}: not a classification model (task: {meta.get('task')})")
@@ -36,7 +38,7 @@ def load_classifier(run_or_file: str | Path) -> tuple[Classifier, dict]:
     backbone = build_backbone(meta["model"], weights="none")
     model = Classifier(backbone, len(meta["classes"]), head=meta["head"], bank_size=meta.get("bank_size", 1))
     model.load_state_dict(sd)
-    model.eval().to(memory_format=torch.channels_last)
+    model.eval().to(select_device(device), memory_format=torch.channels_last)
     return model, meta
 
 
@@ -45,9 +47,9 @@ def _eval_transform(meta: dict):
     return classification_eval(p["input_size"], p["resize_size"], p["mean"], p["std"])
 
 
-def evaluate(run_or_file: str | Path, data: str | Path, skip_bad: bool = False) -> dict:
+def evaluate(run_or_file: str | Path, data: str | Path, skip_bad: bool = False, device: str = "auto") -> dict:
     """Accuracy, per-class precision/recall/F1 and confusion matrix on ``data`` (class folders, or DIR/val/)."""
-    model, meta = load_classifier(run_or_file)
+    model, meta = load_classifier(run_or_file, device)
     root = Path(data)
     if (root / "val").is_dir():
         root = root / "val"
@@ -78,9 +80,10 @@ def expand_inputs(inputs: list[str | Path]) -> list[Path]:
 
 
 @torch.no_grad()
-def predict(run_or_file: str | Path, inputs: list[str | Path], topk: int = 3, batch_size: int = 32) -> list[dict]:
+def predict(run_or_file: str | Path, inputs: list[str | Path], topk: int = 3, batch_size: int = 32, device: str = "auto") -> list[dict]:
     """Top-k labels with probabilities for each image: [{"path", "predictions": [{"label", "probability"}]}]."""
-    model, meta = load_classifier(run_or_file)
+    model, meta = load_classifier(run_or_file, device)
+    on = next(model.parameters()).device
     tf = _eval_transform(meta)
     from torchvision.transforms.v2 import functional as TF
 
@@ -89,8 +92,8 @@ def predict(run_or_file: str | Path, inputs: list[str | Path], topk: int = 3, ba
     results = []
     for i in range(0, len(paths), batch_size):
         chunk = paths[i: i + batch_size]
-        x = torch.stack([tf(TF.pil_to_tensor(load_rgb(p))) for p in chunk]).contiguous(memory_format=torch.channels_last)
-        probs = model(x).softmax(1)
+        x = torch.stack([tf(TF.pil_to_tensor(load_rgb(p))) for p in chunk]).to(on, memory_format=torch.channels_last)
+        probs = model(x).float().softmax(1).cpu()
         top = probs.topk(k, dim=1)
         for p, vals, idxs in zip(chunk, top.values, top.indices):
             results.append({"path": str(p), "predictions": [{"label": meta["classes"][j], "probability": round(float(v), 6)} for v, j in zip(vals, idxs)]})

@@ -384,8 +384,9 @@ def predictions_png(path: Path, records: list[Record], outputs: list[dict], clas
 
 # --------------------------------------------------------------------------------------------- using a run
 
-def load_detector(run: str | Path):
-    """Rebuild the detector from the model file's metadata (no pretrained weights needed) and load its weights."""
+def load_detector(run: str | Path, device: str = "cpu"):
+    """Rebuild the detector from the model file's metadata (no pretrained weights needed) and load its weights,
+    in eval mode on ``device`` (auto, cpu, cuda or mps)."""
     p = Path(run)
     if p.is_dir():
         p = p / "model.safetensors"
@@ -402,13 +403,13 @@ def load_detector(run: str | Path):
 
         model.backbone.body = freeze_batch_norm(model.backbone.body)
     model.load_state_dict(sd)
-    model.eval().to(memory_format=torch.channels_last)
+    model.eval().to(select_device(device), memory_format=torch.channels_last)
     return model, meta
 
 
-def evaluate_run(run: str | Path, data: str, fmt: str | None = None, annotations: str | None = None) -> dict:
+def evaluate_run(run: str | Path, data: str, fmt: str | None = None, annotations: str | None = None, device: str = "auto") -> dict:
     """COCO bbox (and segm) AP/AP50/AP75, overall and per class, of a trained run on ``data``."""
-    model, meta = load_detector(run)
+    model, meta = load_detector(run, device)
     instances = load_instances(fmt or meta["data_format"], data, annotations)
     classes = meta["classes"]
     if (fmt or meta["data_format"]) == "pennfudan":
@@ -420,12 +421,12 @@ def evaluate_run(run: str | Path, data: str, fmt: str | None = None, annotations
     for r in instances.records:
         r.labels = remap[r.labels]
     has_masks = meta["masks"] and instances.has_masks
-    m, _ = evaluate_model(model, instances.records, classes, has_masks, torch.device("cpu"))
+    m, _ = evaluate_model(model, instances.records, classes, has_masks, next(model.parameters()).device)
     return {**m, "images": len(instances.records)}
 
 
 def predict_run(run: str | Path, inputs: list[str], score_threshold: float = 0.5, output: str | None = None,
-                batch_size: int = 4, quiet: bool = False) -> dict:
+                batch_size: int = 4, quiet: bool = False, device: str = "auto") -> dict:
     """COCO-results JSON (RLE masks) and a rendered PNG per image in ``output`` (default RUN/predict)."""
     from torchvision.io import write_png
     from torchvision.transforms.v2 import functional as TF
@@ -435,12 +436,16 @@ def predict_run(run: str | Path, inputs: list[str], score_threshold: float = 0.5
     if not 0.0 <= score_threshold <= 1.0:
         raise UserError(f"--score-threshold: must be between 0 and 1, got {score_threshold}")
     if str(run).endswith(".onnx"):  # a file from `visiontune export`, run by ONNX Runtime
-        from ..export import OnnxDetector
+        from ..export import OnnxDetector, onnx_on_cpu
 
-        model = OnnxDetector(run)
+        onnx_on_cpu(device)
+        model, on = OnnxDetector(run), torch.device("cpu")
         meta = model.meta
     else:
-        model, meta = load_detector(run)
+        model, meta = load_detector(run, device)
+        on = next(model.parameters()).device
+        # boxes under the threshold dropped inside the model: no masks pasted for them, the same output (~1.2x the images/s)
+        model.roi_heads.score_thresh = max(model.roi_heads.score_thresh, score_threshold)
     paths = expand_inputs(inputs)
     out_dir = Path(output) if output else (Path(run) if Path(run).is_dir() else Path(run).parent) / "predict"
     try:
@@ -452,7 +457,7 @@ def predict_run(run: str | Path, inputs: list[str], score_threshold: float = 0.5
     for i in range(0, len(paths), batch_size):
         chunk = paths[i:i + batch_size]
         images = [TF.pil_to_tensor(load_rgb(p)) for p in chunk]
-        outputs = predict_records(model, images, torch.device("cpu"), batch_size)
+        outputs = predict_records(model, images, on, batch_size)
         for j, (p, image, o) in enumerate(zip(chunk, images, outputs)):
             image_id = i + j + 1
             for r in coco_results([o], [image_id], meta["category_ids"], score_threshold):
