@@ -10,6 +10,9 @@
 
     python bench/detect.py --data ../shared/datasets/PennFudanPed            # 3 epochs each: ~15 minutes on 2 cores
     python bench/detect.py --quick                                           # a few minutes
+    python bench/detect.py --epochs 3 --lr-step 2 --seed 1                   # both loops: LR / 10 after epoch 2
+
+At 3 epochs AP moves by up to 0.08 from one seed to the next (either loop): compare means over several seeds.
 """
 from __future__ import annotations
 
