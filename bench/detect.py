@@ -3,7 +3,7 @@
 1. visiontune's run (embedded EfficientNet-Lite0 + FPN Mask R-CNN, --val-last 50): per-epoch bbox/segm AP and AP50
    with wall time.
 2. Issue 4 side by side: the same epochs of a plain tutorial-style loop (written out below: PNGs decoded every
-   step, shuffled batches of 2, model in the default memory format, torchvision's RoIAlign, its StepLR) on the same
+   step, shuffled batches of 2, fp32 model in the default memory format, torchvision's RoIAlign, its StepLR) on the same
    model (same seed), images and image size, evaluated the same way: seconds per epoch, their ratio, and the AP
    difference.
 3. Predict images/s (batched, from the run's model file).
@@ -130,6 +130,7 @@ def main() -> None:
     ap.add_argument("--min-size", type=int, default=320)
     ap.add_argument("--max-size", type=int, default=512)
     ap.add_argument("--lr-step", type=int, default=DetectConfig.lr_step, help="StepLR step (epochs), both loops")
+    ap.add_argument("--precision", default=DetectConfig.precision, help="visiontune's training precision (the tutorial loop: fp32)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="16 images, 1 epoch, 160-224 px: a few minutes")
     ap.add_argument("--skip-baseline", action="store_true")
@@ -143,7 +144,7 @@ def main() -> None:
               "load_average_before": load_average()}
 
     cfg = DetectConfig(data=str(data), out=str(work / "run"), val_last=args.val_last, epochs=args.epochs, min_size=args.min_size,
-                       max_size=args.max_size, lr_step=args.lr_step, seed=args.seed, quiet=True)
+                       max_size=args.max_size, lr_step=args.lr_step, precision=args.precision, seed=args.seed, quiet=True)
     start = time.perf_counter()
     metrics = fit(cfg)
     result["visiontune_wall_seconds"] = round(time.perf_counter() - start, 1)
@@ -156,7 +157,7 @@ def main() -> None:
     result["settings"] = {"model": "maskrcnn + FPN over efficientnet_lite0 (embedded ImageNet weights)", "min_size": cfg.min_size,
                           "max_size": cfg.max_size, "epochs": cfg.epochs, "lr_step": cfg.lr_step, "batch_size": cfg.batch_size, "lr": cfg.lr,
                           "clip_grad": cfg.clip_grad, "val_last": cfg.val_last,
-                          "rois_per_image": cfg.rois_per_image, "tutorial_loop_rois_per_image": 512}
+                          "rois_per_image": cfg.rois_per_image, "precision": cfg.precision, "tutorial_loop_rois_per_image": 512}
 
     names = sorted(p.stem for p in (data / "PNGImages").glob("*.png"))[: -args.val_last]
     ours = [e["train_seconds"] for e in log]

@@ -100,3 +100,22 @@ def test_pennfudan_short_epoch_loss_falls_and_coco_eval_runs_on_real_masks(pennf
     metrics, outputs = evaluate_model(model, val, ["object"], True, torch.device("cpu"))
     assert sum(len(o["masks"]) for o in outputs) > 0
     assert 0.0 <= metrics["segm_AP50"] <= 1.0 and metrics["per_class"]["object"]["segm_AP"] is not None
+
+
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
+def test_precision_sets_the_training_forward_and_evaluation_stays_fp32(tmp_path, monkeypatch, precision, dtype):
+    import visiontune.engine.detection as D
+
+    seen = []
+    real = D.build_detector
+
+    def spy(*args, **kwargs):
+        model = real(*args, **kwargs)
+        model.roi_heads.box_head.register_forward_hook(lambda m, _i, out: seen.append((m.training, out.dtype)))
+        return model
+
+    monkeypatch.setattr(D, "build_detector", spy)
+    data = make_pennfudan(tmp_path / "pf", n=4)
+    fit(DetectConfig(data=str(data), out=str(tmp_path / "run"), epochs=1, val_last=1, precision=precision, **TINY))
+    assert {d for training, d in seen if training} == {dtype}
+    assert {d for training, d in seen if not training} == {torch.float32}

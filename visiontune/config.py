@@ -81,8 +81,7 @@ class ClassifyConfig:
             raise UserError(f"--wise-alpha: must be in (0, 1], got {self.wise_alpha}")
         _check_range("--views", self.views, 1, 100)
         _check_range("--workers", self.workers, 0, 64)
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise UserError(f"--precision: unknown precision {self.precision!r}; choose auto, bf16 or fp32")
+        _check_precision(self.precision)
         _check_range("--trainable-stages", self.trainable_stages, 0, 1000)
         _check_range("--checkpoint-every", self.checkpoint_every, 0, 10**9)
         if self.val_split is not None and not 0.0 < self.val_split < 1.0:
@@ -118,6 +117,8 @@ class DetectConfig:
     weight_decay: float = setting(5e-4, "weight decay")
     lr_step: int = setting(3, "divide the learning rate by 10 every N epochs")
     clip_grad: float = setting(5.0, "clip the gradient norm to this (0: off); heads that start from scratch need it")
+    precision: str = setting("auto", "training forward passes: auto (bf16 autocast where the hardware computes bf16 natively, "
+                                     "else fp32), bf16 or fp32; evaluation runs in fp32")
     rois_per_image: int = setting(512, "region proposals sampled per image to train the box and mask heads (torchvision's and the "
                                   "tutorial's 512); on Penn-Fudan 256 made a CPU step ~0.86x as long, for 0.01-0.03 less AP "
                                   "after 5 epochs except bbox AP50")
@@ -141,11 +142,17 @@ class DetectConfig:
         _check_range("--max-size", self.max_size, 32, 8192)
         _check_range("--val-last", self.val_last, 1, 10**7)
         _check_range("--rois-per-image", self.rois_per_image, 1, 4096)
+        _check_precision(self.precision)
         if self.max_size < self.min_size:
             raise UserError(f"--max-size ({self.max_size}) must be at least --min-size ({self.min_size})")
         if self.val_split is not None and not 0.0 < self.val_split < 1.0:
             raise UserError(f"--val-split: must be between 0 and 1 (exclusive), got {self.val_split}")
         return self
+
+
+def _check_precision(value: str) -> None:
+    if value not in ("auto", "bf16", "fp32"):
+        raise UserError(f"--precision: unknown precision {value!r}; choose auto, bf16 or fp32")
 
 
 def _check_range(name: str, value: Any, low: float, high: float) -> None:

@@ -2,7 +2,8 @@
 
 ``fit(cfg)`` is the whole run (the detection tutorial's recipe: SGD 0.005/0.9/5e-4, warm-up in the first epoch,
 StepLR(3, 0.1), batch 2, horizontal flip), with what makes it faster on a CPU: images decoded once, batches of
-similar aspect ratio, channels_last. Gradient-norm clipping keeps heads trained from scratch from diverging.
+similar aspect ratio, channels_last, bf16 autocast in training where the hardware has it (``--precision``).
+Gradient-norm clipping keeps heads trained from scratch from diverging.
 ``evaluate_run`` and ``predict_run`` use a finished run's model file.
 """
 from __future__ import annotations
@@ -33,7 +34,7 @@ from ..faults import fault_point
 from ..runs import (StepCheckpoints, append_jsonl, check_out_dir, check_same_settings, open_run_dir, saved_settings,
                     stop_on_interrupt, write_json, write_jsonl)
 from . import distributed
-from .train import Diverged, seed_everything, select_device
+from .train import Diverged, seed_everything, select_device, use_bf16
 
 log = logging.getLogger("visiontune")
 METRIC_KEYS = ("AP", "AP50", "AP75")
@@ -94,7 +95,7 @@ def epoch_batches(dataset: DetectionDataset, batch_size: int, seed: int, epoch: 
 
 
 def train_one_epoch(model, loader, optimizer, scheduler, device, epoch: int, clip_grad: float, progress: bool,
-                    start_step: int = 0, totals: dict | None = None, after_step=None) -> dict:
+                    start_step: int = 0, totals: dict | None = None, after_step=None, bf16: bool = False) -> dict:
     """One pass: summed losses, stop on a non-finite loss, clip the gradient norm, step the per-step schedule.
     Resuming mid-epoch: ``loader`` lacks the first ``start_step`` batches and ``totals`` holds their running sums
     (flat numbers, JSON for the checkpoint). ``after_step(step, totals)`` runs after each step (checkpoints, Ctrl-C)."""
@@ -109,7 +110,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, device, epoch: int, cli
     for step, (images, targets) in enumerate(bar, start=start_step):
         images = [im.to(device, non_blocking=True) for im in images]
         targets = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in target.items()} for target in targets]
-        loss_dict = model(images, targets)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss_dict = model(images, targets)
         loss = sum(loss_dict.values())
         if not torch.isfinite(loss):
             raise Diverged(f"training diverged: non-finite loss at epoch {epoch + 1}, step {step + 1} "
@@ -234,6 +236,7 @@ def fit(cfg: DetectConfig, resume: bool = False) -> dict:
     device = distributed.init(select_device(cfg.device))
     distributed.per_process_batch(cfg.batch_size)
     progress = not cfg.quiet and distributed.is_main()
+    bf16 = use_bf16(cfg.precision, device)
     seed_everything(cfg.seed)
 
     train_records, val_records, data = load_splits(cfg)
@@ -297,7 +300,7 @@ def fit(cfg: DetectConfig, resume: bool = False) -> dict:
                 torch.manual_seed(cfg.seed * 100_003 + epoch)  # random draws: a function of (seed, epoch) alone
             stats = train_one_epoch(distributed.for_training(model, device), loader, optimizer, scheduler, device, epoch, cfg.clip_grad,
                                     progress, start_step=first_step, totals=epoch_totals,
-                                    after_step=lambda step, totals: duties.after_step(epoch, step, totals))
+                                    after_step=lambda step, totals: duties.after_step(epoch, step, totals), bf16=bf16)
             first_step, epoch_totals = 0, None
             stats = distributed.reduce_stats(stats)
             m = evaluate_sharded(model, val_records, data.classes, data.has_masks, device)
