@@ -33,6 +33,7 @@ from torchvision import tv_tensors
 
 from visiontune.config import DetectConfig
 from visiontune.engine.detection import evaluate_model, fit, load_splits, predict_run
+from visiontune.engine.train import use_bf16
 from visiontune.models.detection import build_detector
 
 REPO = Path(__file__).resolve().parents[1]
@@ -157,7 +158,8 @@ def main() -> None:
     result["settings"] = {"model": "maskrcnn + FPN over efficientnet_lite0 (embedded ImageNet weights)", "min_size": cfg.min_size,
                           "max_size": cfg.max_size, "epochs": cfg.epochs, "lr_step": cfg.lr_step, "batch_size": cfg.batch_size, "lr": cfg.lr,
                           "clip_grad": cfg.clip_grad, "val_last": cfg.val_last,
-                          "rois_per_image": cfg.rois_per_image, "precision": cfg.precision, "tutorial_loop_rois_per_image": 512}
+                          "rois_per_image": cfg.rois_per_image, "precision": "bf16" if use_bf16(cfg.precision, torch.device("cpu")) else "fp32",
+                          "tutorial_loop_rois_per_image": 512}
 
     names = sorted(p.stem for p in (data / "PNGImages").glob("*.png"))[: -args.val_last]
     ours = [e["train_seconds"] for e in log]

@@ -20,7 +20,6 @@ from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.poolers import _convert_to_roi_format, _setup_scales
 
 
-
 def _axis_samples(start: Tensor, length: Tensor, bins: int, grid: int, size: int) -> tuple[Tensor, ...]:
     """Along one axis, for each RoI and each of its ``bins * grid`` sample points: the two neighbouring positions
     and their bilinear weights (zero for points outside the map), following torchvision's rules."""
