@@ -168,7 +168,7 @@ def fastai_run(data: str, epochs: int, seed: int) -> dict:
 
 def visiontune_run(data: str, strategy: str, seed: int, cache_dir: str, out: str) -> dict:
     from visiontune.config import ClassifyConfig
-    from visiontune.engine.train import fit
+    from visiontune.tasks.classify import fit
 
     t0 = time.perf_counter()
     m = fit(ClassifyConfig(data=data, out=out, strategy=strategy, seed=seed, quiet=True, overwrite=True, cache_dir=cache_dir))
@@ -193,7 +193,8 @@ def visiontune_runner(data: str, strategy: str, seed: int) -> dict:
 
 def predict_speed(run: str, images: Path) -> dict:
     """``visiontune.predict`` over a folder (batches of 32, fp32, decoding included), after loading the model file."""
-    from visiontune.inference import expand_inputs, predict
+    from visiontune.data.images import expand_inputs
+    from visiontune.inference.classify import predict
 
     paths = expand_inputs([images])
     predict(run, paths[:1])  # loads and warms up; the timed call below loads the model file again, as a user's would
@@ -210,13 +211,13 @@ def compute_limit(steps: int) -> dict:
     timed like visiontune's epochs (all the steps' wall time, after two warm-up steps), not by the fastest steps."""
     import torch
 
-    from visiontune.engine.recipes import DEFAULT
-    from visiontune.engine.train import use_bf16
+    from visiontune.engine.runtime import use_bf16
+    from visiontune.strategies import STRATEGIES
     from visiontune.models.backbones import build_backbone
     from visiontune.models.classifier import Classifier
 
     seed_all(0)
-    bs = DEFAULT["full"].batch_size
+    bs = STRATEGIES["full"].recipe.batch_size
     model = Classifier(build_backbone("efficientnet_lite0"), 2).to(memory_format=torch.channels_last).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randn(bs, 3, 224, 224).contiguous(memory_format=torch.channels_last)

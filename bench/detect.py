@@ -32,8 +32,11 @@ from torchvision.transforms import v2
 from torchvision import tv_tensors
 
 from visiontune.config import DetectConfig
-from visiontune.engine.detection import evaluate_model, fit, load_splits, predict_run
-from visiontune.engine.train import use_bf16
+from visiontune.data.formats import load_splits
+from visiontune.engine.runtime import use_bf16
+from visiontune.inference.detect import predict_run
+from visiontune.metrics.coco import evaluate_model
+from visiontune.tasks.detect import fit
 from visiontune.models.detection import build_detector
 
 REPO = Path(__file__).resolve().parents[1]

@@ -19,7 +19,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from visiontune import checkpoint as ckpt
 from visiontune.errors import UserError
-from visiontune.runs import MAY_CHANGE_ON_RESUME, Interrupted, check_out_dir, check_same_settings, create_out_dir, stop_on_interrupt
+from visiontune.engine.resume import Interrupted, stop_on_interrupt
+from visiontune.runs import MAY_CHANGE_ON_RESUME, check_out_dir, check_same_settings, create_out_dir
 
 
 def tiny_model(seed: int = 0) -> nn.Module:

@@ -64,7 +64,7 @@ def test_gradient_strategies_run_and_record_trainable_params(tiny_folders, tmp_p
 
 def test_tutorial_recipe_is_the_tutorials(tiny_folders, tmp_path):
     from visiontune.config import ClassifyConfig
-    from visiontune.engine.train import resolve_settings
+    from visiontune.tasks.classify import resolve_settings
 
     cfg, recipe = resolve_settings(ClassifyConfig(data="x", out="y", strategy="full", recipe="tutorial"))
     assert (cfg.epochs, cfg.batch_size, cfg.lr, recipe.optimizer, recipe.momentum, recipe.schedule, recipe.step_epochs) == (25, 4, 1e-3, "sgd", 0.9, "step", 7)

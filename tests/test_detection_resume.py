@@ -34,7 +34,7 @@ class Launcher(test_resume.Launcher):
         env = {k: v for k, v in os.environ.items() if k != "VISIONTUNE_FAULT"}
         env.update(OMP_NUM_THREADS="1", VISIONTUNE_OFFLINE="1")
         script = test_resume.LAUNCHER.replace("from visiontune.cli import main",
-                                              "import visiontune.engine.detection\nfrom visiontune.cli import main", 1)
+                                              "import visiontune.tasks.detect\nfrom visiontune.cli import main", 1)
         self.proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
 
 

@@ -13,7 +13,10 @@ from visiontune.checkpoint import load_model_file
 from visiontune.cli import main
 from visiontune.config import DetectConfig
 from visiontune.data.instance import load_pennfudan
-from visiontune.engine.detection import evaluate_model, evaluate_run, fit, load_detector, predict_run
+from visiontune.inference.detect import evaluate_run, predict_run
+from visiontune.inference.load import load_detector
+from visiontune.metrics.coco import evaluate_model
+from visiontune.tasks.detect import fit
 
 TINY = dict(min_size=64, max_size=64, quiet=True, backbone_weights="none", seed=0)
 KEYS = ("bbox_AP", "bbox_AP50", "bbox_AP75", "segm_AP", "segm_AP50", "segm_AP75")
@@ -104,7 +107,7 @@ def test_pennfudan_short_epoch_loss_falls_and_coco_eval_runs_on_real_masks(pennf
 
 @pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
 def test_precision_sets_the_training_forward_and_evaluation_stays_fp32(tmp_path, monkeypatch, precision, dtype):
-    import visiontune.engine.detection as D
+    import visiontune.tasks.detect as D
 
     seen = []
     real = D.build_detector

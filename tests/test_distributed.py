@@ -22,7 +22,7 @@ from conftest import make_class_folders
 from visiontune import checkpoint as ckpt
 from visiontune.cli import main
 from visiontune.config import ClassifyConfig
-from visiontune.engine.train import fit
+from visiontune.tasks.classify import fit
 from visiontune.errors import UserError
 
 # Two processes vs one: float sums in another order; measured differences are ~5e-6 in weights, ~2e-7 in loss.
@@ -174,7 +174,7 @@ def _sharded_coco_evaluation() -> dict:
     """Perfect predictions give AP 1 only if every image's are counted once: missing ones lose recall, doubled ones
     are false positives."""
     from visiontune.data.instance import Record
-    from visiontune.engine.detection import evaluate_sharded
+    from visiontune.tasks.detect import evaluate_sharded
 
     records = [Record(f"{i}.png", torch.full((3, 40, 50), i, dtype=torch.uint8), torch.tensor([[3.0 + i, 4.0, 20.0 + i, 30.0]]),
                       torch.ones(1, dtype=torch.long), None, i) for i in range(1, 6)]
@@ -222,7 +222,8 @@ def make_instance_folder(root: Path, n: int) -> Path:
 
 def test_two_process_detection_evaluates_every_validation_image_once(tmp_path):
     from visiontune.config import DetectConfig, from_dict, load_yaml
-    from visiontune.engine.detection import evaluate_model, load_splits
+    from visiontune.data.formats import load_splits
+    from visiontune.metrics.coco import evaluate_model
     from visiontune.models.detection import build_detector
 
     data, run = make_instance_folder(tmp_path / "pf", 5), tmp_path / "det"
@@ -240,7 +241,7 @@ def test_two_process_detection_evaluates_every_validation_image_once(tmp_path):
     weights, meta = ckpt.load_model_file(run / "model.safetensors")
     model = build_detector(meta["model"], 2, backbone=meta["backbone"], backbone_weights="none", min_size=64, max_size=96)
     model.load_state_dict(weights)
-    m, _ = evaluate_model(model, val, meta["classes"], data_info.has_masks, torch.device("cpu"))
+    m, _ = evaluate_model(model, val, meta["classes"], False, torch.device("cpu"))  # fasterrcnn: boxes only
     for k in ("bbox_AP", "bbox_AP50"):
         assert entry[k] == pytest.approx(m[k], abs=0.02), (k, entry[k], m[k])
     assert ckpt.load_model_file(run / "last.safetensors")[1]["world_size"] == 2

@@ -13,8 +13,8 @@ from torchvision.transforms.v2 import functional as TF
 from visiontune.cli import main
 from visiontune.data.images import load_rgb
 from visiontune.data.transforms import classification_eval
-from visiontune.export import predict_onnx
-from visiontune.inference import load_classifier, predict
+from visiontune.inference.classify import predict
+from visiontune.inference.load import load_classifier
 
 from conftest import REPO, make_class_folders
 
@@ -29,9 +29,9 @@ def run_dir(tmp_path_factory) -> Path:
     return out
 
 
-def real_batch(meta: dict) -> torch.Tensor:
-    p = meta["preprocessing"]
-    tf = classification_eval(p["input_size"], p["resize_size"], p["mean"], p["std"])
+def real_batch(meta) -> torch.Tensor:
+    p = meta.preprocessing
+    tf = classification_eval(p.input_size, p.resize_size, p.mean, p.std)
     return torch.stack([tf(TF.pil_to_tensor(load_rgb(f))) for f in REAL_IMAGES])
 
 
@@ -55,7 +55,7 @@ def test_onnx_matches_pytorch_on_real_images(run_dir, tmp_path, capsys):
     assert prep["input_size"] == 64 and prep["mean"] == [0.5, 0.5, 0.5] and "center-crop" in prep["steps"]
 
     # classify predict takes the .onnx file: same answers as the PyTorch model, no training data needed
-    onnx_preds, torch_preds = predict_onnx(path, REAL_IMAGES, topk=2), predict(run_dir, REAL_IMAGES, topk=2)
+    onnx_preds, torch_preds = predict(path, REAL_IMAGES, topk=2), predict(run_dir, REAL_IMAGES, topk=2)
     for a, b in zip(onnx_preds, torch_preds):
         assert a["path"] == b["path"] and [p["label"] for p in a["predictions"]] == [p["label"] for p in b["predictions"]]
         assert all(abs(p["probability"] - q["probability"]) <= 1e-4 for p, q in zip(a["predictions"], b["predictions"]))

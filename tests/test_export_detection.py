@@ -18,7 +18,8 @@ from torchvision.transforms.v2 import functional as TF
 from visiontune import checkpoint as ckpt
 from visiontune.cli import main
 from visiontune.data.images import load_rgb
-from visiontune.engine.detection import load_detector, predict_run
+from visiontune.inference.detect import predict_run
+from visiontune.inference.load import load_detector
 from visiontune.models.detection import build_detector
 
 from conftest import SHARED, shared_dataset

@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from visiontune import inference
+from visiontune.inference.classify import evaluate, predict
+from visiontune.inference.load import load_classifier
 from visiontune.cli import main
 
 from conftest import make_class_folders
@@ -29,14 +30,14 @@ def test_head_learns_and_is_used_by_eval_and_predict(shared, tmp_path, head, cap
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["head"] == head and metrics["best_val_accuracy"] >= 0.9
 
-    model, meta = inference.load_classifier(out)
-    assert meta["head"] == head and model.head_kind == head
+    model, meta = load_classifier(out)
+    assert meta.head == head and model.head_kind == head
     if head == "knn":  # the bank holds the training features of every view
         assert model.head.bank.shape == (2 * 12, 1280) and model.head.bank.abs().sum() > 0
         assert sorted(model.head.bank_labels.unique().tolist()) == [0, 1, 2]
 
     # a head that was not the trained one would score about 1/3 on three classes
-    assert inference.evaluate(out, data)["accuracy"] >= 0.9
-    results = inference.predict(out, [data / "val"])
+    assert evaluate(out, data)["accuracy"] >= 0.9
+    results = predict(out, [data / "val"])
     right = sum(r["predictions"][0]["label"] in r["path"] for r in results)
     assert len(results) == 12 and right >= 11

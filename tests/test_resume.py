@@ -38,7 +38,7 @@ LAUNCHER = r"""
 import json, os, sys, time, traceback
 import matplotlib
 matplotlib.use("Agg")
-import visiontune.engine.train, visiontune.report, visiontune.visualize  # the slow imports, once, before any fork
+import visiontune.tasks.classify, visiontune.report, visiontune.visualize  # the slow imports, once, before any fork
 from visiontune.cli import main
 
 for line in sys.stdin:

@@ -21,19 +21,19 @@ def build_classifier(model: str = "efficientnet_lite0", num_classes: int = 2, we
 
 def fit(cfg: ClassifyConfig, resume: bool = False) -> dict:
     """Train a classifier; writes cfg.out and returns its metrics."""
-    from .engine.train import fit as _fit
+    from .tasks.classify import fit as _fit
 
     return _fit(cfg, resume=resume)
 
 
 def evaluate(run: str, data: str) -> dict:
-    from .inference import evaluate as _evaluate
+    from .inference.classify import evaluate as _evaluate
 
     return _evaluate(run, data)
 
 
 def predict(run: str, inputs: list[str], topk: int = 3) -> list[dict]:
-    from .inference import predict as _predict
+    from .inference.classify import predict as _predict
 
     return _predict(run, inputs, topk=topk)
 
@@ -46,6 +46,6 @@ def build_detector(*args, **kwargs):
 
 
 def fit_detector(cfg: DetectConfig, resume: bool = False) -> dict:
-    from .engine.detection import fit as _fit
+    from .tasks.detect import fit as _fit
 
     return _fit(cfg, resume=resume)

@@ -27,8 +27,9 @@ from .config import ClassifyConfig
 from .data.classification import DecodedImages, Samples, decode_all, find_splits
 from .data.transforms import classification_eval
 from .engine.features import extract
-from .engine.recipes import recipe_for
+from .engine.runtime import select_device
 from .models.backbones import build_backbone
+from .strategies import recipe_for
 
 SMALL_PER_CLASS = 200  # fewer training images per class than this: "small"
 SIMILAR_SCORE = 0.6  # probe score (0 = chance, 1 = perfect) from which the data counts as similar
@@ -103,8 +104,6 @@ def linear_probe_accuracy(features: torch.Tensor, labels: torch.Tensor, seed: in
 
 def choose_strategy(cfg: ClassifyConfig) -> Advice:
     """Measure the data, apply the rules, print the measurements and the reason."""
-    from .engine.train import select_device
-
     train_s, _ = find_splits(cfg.data, cfg.val_data, cfg.val_split, cfg.seed)
     counts = train_s.counts()
     per_class = len(train_s) / len(train_s.classes)
@@ -116,7 +115,7 @@ def choose_strategy(cfg: ClassifyConfig) -> Advice:
         device = select_device(cfg.device)
         prep = backbone.preprocessing
         size = cfg.image_size or prep.input_size
-        resize = int(round(size / prep.crop_pct))
+        resize = prep.resize_for(size)
         sample = _probe_sample(train_s, PROBE_PER_CLASS, cfg.seed)
         images, labels, _ = decode_all(sample, resize, skip_bad=True)
         start = time.perf_counter()

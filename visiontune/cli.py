@@ -18,6 +18,7 @@ from pathlib import Path
 from .config import ClassifyConfig, DetectConfig, from_dict, load_yaml
 from .errors import UserError
 
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2
         raise UserError(f"{self.prog}: {message}")
@@ -141,22 +142,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _classify_train(args):
-    from .engine.train import fit
+    from .tasks.classify import fit
 
-    resume = getattr(args, "resume", False)
-    fit(from_dict(ClassifyConfig, _train_settings(args, ClassifyConfig, resume)), resume=resume)
+    _train(args, ClassifyConfig, fit)
 
 
-def _train_settings(args: argparse.Namespace, cls, resume: bool) -> dict:
-    """The settings given; with --resume a flag given on the command line must agree with the run, even one equal to the default."""
+def _train(args: argparse.Namespace, cls, fit) -> None:
+    """A new run from the settings given, or with --resume the run in --out, which keeps its own settings: a flag given
+    on the command line must agree with them, even one equal to the default (runs.resume_config)."""
     given = _settings(args, cls)
-    if resume:
-        from .runs import check_same_settings, saved_settings
-
-        if not given.get("out"):
-            raise UserError("--resume: pass --out RUN, the run to continue")
-        check_same_settings(saved_settings(given["out"]), given, given["out"])
-    return given
+    resume = getattr(args, "resume", False)
+    if resume and not given.get("out"):
+        raise UserError("--resume: pass --out RUN, the run to continue")
+    fit(from_dict(cls, given), resume=resume, given=given if resume else None)
 
 
 def _add_device_arg(parser: argparse.ArgumentParser) -> None:
@@ -164,7 +162,7 @@ def _add_device_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def _classify_eval(args):
-    from .inference import evaluate
+    from .inference.classify import evaluate
 
     m = evaluate(args.run, args.data, skip_bad=args.skip_bad, device=args.device)
     print(f"accuracy {m['accuracy']:.4f} on {sum(v['support'] for v in m['per_class'].values())} images", file=sys.stderr)
@@ -176,11 +174,9 @@ def _classify_eval(args):
 def _classify_predict(args):
     if args.topk < 1:
         raise UserError("--topk: must be at least 1")
-    if str(args.run).endswith(".onnx"):
-        from .export import predict_onnx as run_predict
-    else:
-        from .inference import predict as run_predict
-    for r in run_predict(args.run, args.inputs, topk=args.topk, device=args.device):
+    from .inference.classify import predict
+
+    for r in predict(args.run, args.inputs, topk=args.topk, device=args.device):
         print(json.dumps(r))
 
 
@@ -191,20 +187,19 @@ def _classify_compare(args):
 
 
 def _detect_train(args):
-    from .engine.detection import fit
+    from .tasks.detect import fit
 
-    resume = getattr(args, "resume", False)
-    fit(from_dict(DetectConfig, _train_settings(args, DetectConfig, resume)), resume=resume)
+    _train(args, DetectConfig, fit)
 
 
 def _detect_eval(args):
-    from .engine.detection import evaluate_run
+    from .inference.detect import evaluate_run
 
     print(json.dumps(evaluate_run(args.run, args.data, fmt=args.format, annotations=args.annotations, device=args.device)))
 
 
 def _detect_predict(args):
-    from .engine.detection import predict_run
+    from .inference.detect import predict_run
 
     predict_run(args.run, args.inputs, score_threshold=args.score_threshold, output=args.output, device=args.device)
 

@@ -14,9 +14,9 @@ from pathlib import Path
 from .config import ClassifyConfig
 from .data.classification import find_splits
 from .runs import check_out_dir, create_out_dir, write_json
+from .strategies import STRATEGIES
 
-STRATEGIES = ("linear", "partial", "full", "staged")
-DEFAULT_EPOCHS = 4  # the default recipe's epochs for partial, full and staged
+DEFAULT_EPOCHS = STRATEGIES["full"].recipe.epochs  # the default recipe's epochs of the strategies that train the base
 COLUMNS = ("strategy", "best_val_accuracy", "best_epoch", "final_val_accuracy", "epochs", "train_seconds", "trainable_params", "total_params")
 
 
@@ -50,9 +50,9 @@ def _plot(path: Path, runs: dict[str, list[dict]], rows: list[dict]) -> None:
     plt.close(fig)
 
 
-def compare(cfg: ClassifyConfig, strategies: tuple[str, ...] = STRATEGIES) -> list[dict]:
+def compare(cfg: ClassifyConfig, strategies: tuple[str, ...] = tuple(STRATEGIES)) -> list[dict]:
     """Train each strategy with ``cfg``'s settings and the same number of epochs; write and print the table."""
-    from .engine.train import fit
+    from .tasks.classify import fit
 
     cfg = replace(cfg, strategy="linear").validate()
     out = check_out_dir(cfg.out, cfg.overwrite)

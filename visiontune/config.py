@@ -9,9 +9,8 @@ from typing import Any
 import yaml
 
 from .errors import UserError
+from .strategies import AUTO, RECIPES, STRATEGIES
 
-STRATEGIES = ("full", "partial", "linear", "staged", "auto")
-RECIPES = ("default", "tutorial")
 HEADS = ("linear", "mlp", "logreg", "svm", "knn")
 
 
@@ -32,9 +31,7 @@ class ClassifyConfig:
                                                "name (resnet18, vgg16, googlenet, mobilenet_v2, convnext_tiny, ...) or timm:NAME")
     weights: str | None = setting(None, "pretrained weights file (.safetensors, or a .pth state dict); 'none' for random init "
                                         "(default: embedded package, then local cache, then download)")
-    strategy: str = setting("linear", "full: all weights train; partial: first stages frozen; linear: frozen base, new head "
-                                      "only (fixed feature extractor); staged: head first, then all with a lower base LR; "
-                                      "auto: chosen from the data")
+    strategy: str = setting("linear", "; ".join(f"{s.name}: {s.trains}" for s in STRATEGIES.values()) + f"; {AUTO}: chosen from the data")
     trainable_stages: int | None = setting(None, "partial: how many of the last stages train (default: the last third)")
     freeze_until: str | None = setting(None, "partial: freeze every stage up to and including this one (e.g. blocks.3, layer2)")
     head: str = setting("linear", "new classifier: linear, mlp (trained), or logreg, svm, knn (scikit-learn on cached "
@@ -66,8 +63,8 @@ class ClassifyConfig:
     sync_bn: bool = setting(False, "under torchrun on CUDA: trainable BatchNorm layers use statistics of the global batch")
 
     def validate(self) -> "ClassifyConfig":
-        if self.strategy not in STRATEGIES:
-            raise UserError(f"--strategy: unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        if self.strategy not in (*STRATEGIES, AUTO):
+            raise UserError(f"--strategy: unknown strategy {self.strategy!r}; choose one of {', '.join((*STRATEGIES, AUTO))}")
         if self.recipe not in RECIPES:
             raise UserError(f"--recipe: unknown recipe {self.recipe!r}; choose one of {', '.join(RECIPES)}")
         if self.head not in HEADS:
@@ -128,6 +125,7 @@ class DetectConfig:
     quiet: bool = setting(False, "no progress bars or per-epoch lines")
     overwrite: bool = setting(False, "replace an existing run directory")
     checkpoint_every: int = setting(0, "also save the resumable checkpoint every N steps (0: after each epoch only)")
+    tensorboard: bool = setting(False, "also log scalars for TensorBoard in RUN/tensorboard (needs the tensorboard package)")
     sync_bn: bool = setting(False, "under torchrun on CUDA: trainable BatchNorm layers use statistics of the global batch")
 
     def validate(self) -> "DetectConfig":

@@ -88,21 +88,9 @@ def _read_log(path: Path) -> list[dict]:
     return [r for r in rows if isinstance(r, dict) and "epoch" in r]
 
 
-def _run_task(run: Path, metrics: dict) -> str:
-    if metrics.get("task"):
-        return metrics["task"]
-    if "bbox_AP" in metrics:
-        return "detection"
-    model_file = run / "model.safetensors"
-    if model_file.is_file():
-        try:
-            from safetensors import safe_open
-
-            with safe_open(str(model_file), framework="pt") as f:
-                return json.loads((f.metadata() or {}).get("visiontune", "{}")).get("task", "classification")
-        except Exception:  # noqa: BLE001 - an unreadable model file does not stop the report
-            pass
-    return "classification"
+def _run_task(metrics: dict) -> str:
+    """metrics.json names its task (runs of earlier versions: detection's alone has bbox_AP)."""
+    return metrics.get("task") or ("detection" if "bbox_AP" in metrics else "classification")
 
 
 # ------------------------------------------------------------------------------ pictures
@@ -258,7 +246,7 @@ def write_report(run_dir: str | Path) -> Path:
     """Write ``RUN/report.html`` from the files in the run directory and return its path."""
     run = Path(run_dir)
     metrics = _read_json(run / "metrics.json") or {}
-    task = _run_task(run, metrics)
+    task = _run_task(metrics)
     history = _read_log(run / "log.jsonl")
     config = (run / "config.yaml").read_text() if (run / "config.yaml").is_file() else "(no config.yaml)"
     parts = [f"<section><h2>Summary</h2>{_summary(metrics, task)}</section>", _advice(metrics),

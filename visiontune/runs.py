@@ -1,23 +1,18 @@
-"""The run directory: refuse to clobber an earlier run, check it is writable before any training; resume and Ctrl-C.
-
-Task-independent: classification and detection runs share these helpers.
+"""The run directory: refuse to clobber an earlier run, check it is writable before any training; the settings a
+resumed run keeps. Task-independent: every task's runs share these helpers.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
-import signal
-import sys
 import tempfile
-import time
-from contextlib import contextmanager
 from pathlib import Path
 
-from .checkpoint import atomic_write_text, save_training_state
-from .engine import distributed
+from .checkpoint import atomic_write_text
+from .config import from_dict
 from .errors import UserError
-from .faults import fault_point
 
 MARKER = "config.yaml"
 # Settings a resumed run may change: they do not change what is computed (workers: augmentation is seeded per image).
@@ -94,22 +89,7 @@ def write_jsonl(path: Path, rows: list) -> None:
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
-# ------------------------------------------------------------------------- resume
-
-def save_last(path: Path, model, optimizer, scheduler, state: dict, data_check: dict, epoch: int, step: int = 0,
-              totals: dict | None = None) -> None:
-    """The ``last`` checkpoint: ``epoch`` epochs done and ``step`` batches of the next (with their running ``totals``).
-
-    ``state`` is the run's bookkeeping (best, best_epoch, history, elapsed_before, start); ``data_check`` what a
-    resumed run's data must match. Under torchrun every process calls this; rank 0 writes.
-    """
-    totals = distributed.reduce_stats(totals) if totals else totals  # averaged: each process resumes from the mean
-    if distributed.is_main():
-        save_training_state(path, model, optimizer, scheduler, {
-            "epoch": epoch, "step": step, "epoch_totals": totals, "best": state["best"], "best_epoch": state["best_epoch"],
-            "history": state["history"], "elapsed_seconds": state["elapsed_before"] + time.perf_counter() - state["start"],
-            "world_size": distributed.world_size(), "data": data_check})
-
+# ------------------------------------------------------------------------- resume settings
 
 def saved_settings(out: str | Path) -> dict:
     """The settings a run was started with (RUN/config.yaml)."""
@@ -139,61 +119,16 @@ def check_same_settings(saved: dict, now: dict, out: str | Path) -> None:
                         f"a resumed run keeps its settings: leave the flag out, or start a new run")
 
 
-class Interrupted(UserError):
-    """Ctrl-C: the run saved a checkpoint and stopped; exit code 130 like any interrupted command."""
+def resume_config(cfg, given: dict | None = None):
+    """The settings of the run in ``cfg.out``, as saved when it started, checked against the ones given now.
 
-    exit_code = 130
-
-
-class StepCheckpoints:
-    """A training loop's duties between steps: ``last`` every ``every`` steps; on Ctrl-C, a checkpoint and a stop
-    with the command that resumes. ``any_process`` makes every torchrun process stop after the same step."""
-
-    def __init__(self, stop, save_last, every: int, steps_per_epoch: int, last: Path, resume_command: str,
-                 any_process=lambda flag: flag):
-        self.stop, self.save_last, self.every, self.steps_per_epoch = stop, save_last, every, steps_per_epoch
-        self.last, self.resume_command, self.any_process = last, resume_command, any_process
-
-    def interrupted(self, epoch: int, step: int) -> Interrupted:
-        return Interrupted(f"checkpoint saved at epoch {epoch + 1}, step {step}/{self.steps_per_epoch} in {self.last}; "
-                           f"continue with: {self.resume_command}")
-
-    def after_step(self, epoch: int, step: int, totals: dict) -> None:
-        stopping = self.any_process(self.stop.requested)
-        if stopping or (self.every and (epoch * self.steps_per_epoch + step) % self.every == 0):
-            self.save_last(epoch, step, totals)
-        if stopping:
-            raise self.interrupted(epoch, step)
-        fault_point("step")
-
-    def after_epoch(self, epochs_done: int) -> None:
-        """Call once ``last`` holds the finished epoch."""
-        if self.any_process(self.stop.requested):
-            raise self.interrupted(epochs_done, 0)
-
-
-@contextmanager
-def stop_on_interrupt():
-    """The first Ctrl-C asks the loop to stop at its next safe point (``flag.requested``); the loop saves and
-    raises ``Interrupted``. A second Ctrl-C stops at once (the last checkpoint stays)."""
-
-    class Flag:
-        requested = False
-
-    flag = Flag()
-
-    def handler(signum, frame):
-        if flag.requested:
-            raise KeyboardInterrupt
-        flag.requested = True
-        print("visiontune: stopping at the next safe point to save a checkpoint (Ctrl-C again to stop now)", file=sys.stderr, flush=True)
-
-    try:
-        previous = signal.signal(signal.SIGINT, handler)
-    except ValueError:  # not the main thread: Ctrl-C is not ours to handle
-        yield flag
-        return
-    try:
-        yield flag
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    ``given``: the settings the user gave (the CLI knows them, even one equal to its default); by default, the
+    fields of ``cfg`` that differ from their defaults. A value "auto" given (a choice left to the run) matches any.
+    """
+    cls = type(cfg)
+    if given is None:
+        given = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls) if getattr(cfg, f.name) != f.default}
+    given = {k: v for k, v in given.items() if v != "auto"}
+    saved = saved_settings(cfg.out)
+    check_same_settings(saved, given, cfg.out)
+    return from_dict(cls, {**saved, **given})

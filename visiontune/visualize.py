@@ -1,4 +1,4 @@
-"""Pictures of what a model predicts: prediction grids (mistakes marked), confusion matrices, curves."""
+"""Pictures of what a model predicts: prediction grids (mistakes marked), confusion matrices, detections drawn."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -73,4 +73,46 @@ def curves_png(path: Path, history: list[dict], keys: tuple[str, ...] = ("train_
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------- detection
+
+PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45", "#469990", "#9a6324"]
+
+
+def draw(image: torch.Tensor, boxes: torch.Tensor, labels: list[str], masks: torch.Tensor | None) -> torch.Tensor:
+    """uint8 image with masks (bool (N, H, W)) and labelled boxes drawn over it."""
+    from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+
+    colors = [PALETTE[i % len(PALETTE)] for i in range(len(boxes))]
+    if masks is not None and len(masks):
+        image = draw_segmentation_masks(image, masks.bool(), alpha=0.45, colors=colors)
+    if len(boxes):
+        image = draw_bounding_boxes(image, boxes, labels=labels, colors=colors, width=2)
+    return image
+
+
+def draw_detections(image: torch.Tensor, output: dict, classes: list[str], min_score: float) -> torch.Tensor:
+    """A detector's ``output`` for ``image`` (scores at least ``min_score``) drawn over it, labelled with class and score."""
+    keep = output["scores"] >= min_score
+    masks = output["masks"][keep][:, 0] > 0.5 if "masks" in output else None
+    labels = [f"{classes[int(k) - 1]} {s:.2f}" for k, s in zip(output["labels"][keep], output["scores"][keep])]
+    return draw(image, output["boxes"][keep], labels, masks)
+
+
+def detection_predictions_png(path: Path, records: list, outputs: list[dict], classes: list[str], min_score: float = 0.5) -> None:
+    """Ground truth (left) beside predicted masks, boxes and scores (right), one validation image a row."""
+    rows = max(1, len(records))
+    fig, axes = plt.subplots(rows, 2, figsize=(8, 3.6 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for row, (r, o) in enumerate(zip(records, outputs)):
+        gt = draw(r.image, r.boxes, [classes[int(i) - 1] for i in r.labels], r.masks)
+        axes[row, 0].imshow(gt.permute(1, 2, 0).numpy())
+        axes[row, 0].set_title(f"ground truth: {len(r.boxes)}", fontsize=9)
+        axes[row, 1].imshow(draw_detections(r.image, o, classes, min_score).permute(1, 2, 0).numpy())
+        axes[row, 1].set_title(f"predicted (score >= {min_score}): {int((o['scores'] >= min_score).sum())}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
     plt.close(fig)

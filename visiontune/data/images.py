@@ -79,3 +79,19 @@ def to_rgb(im: Image.Image) -> Image.Image:
         background.paste(rgba, mask=rgba.getchannel("A"))
         return background
     return im.convert("RGB")
+
+
+def expand_inputs(inputs: list[str | Path]) -> list[Path]:
+    """Image files, and the image files under folders (sorted), for predict."""
+    paths = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            paths += sorted(q for q in p.rglob("*") if q.is_file() and is_image_file(q))
+        elif p.exists():
+            paths.append(p)
+        else:
+            raise UserError(f"{p}: no such file or directory")
+    if not paths:
+        raise UserError(f"no images found in {', '.join(map(str, inputs))}")
+    return paths

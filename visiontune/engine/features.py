@@ -142,25 +142,3 @@ def cached_extract(backbone_name: str, backbone: nn.Module, dataset: DecodedImag
     except OSError as e:  # a read-only or full disk costs speed next time, never this run
         log.warning("could not write the feature cache %s (%s)", path, e.strerror or e)
     return feats, labels
-
-
-# --------------------------------------------------------------------------------------------- heads
-
-def fit_sklearn_head(kind: str, head: nn.Module, feats: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> None:
-    """Fit logistic regression / linear SVM / kNN with scikit-learn (or torch for kNN) and copy into ``head``."""
-    if kind == "knn":
-        head.set_bank(feats, labels)
-        return
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.svm import LinearSVC
-
-    x, y = feats.numpy(), labels.numpy()
-    est = LogisticRegression(max_iter=2000, C=1.0) if kind == "logreg" else LinearSVC(C=0.1, random_state=seed, max_iter=5000)
-    est.fit(x, y)
-    coef, bias = torch.as_tensor(est.coef_, dtype=torch.float32), torch.as_tensor(est.intercept_, dtype=torch.float32)
-    linear = head[-1]
-    if coef.shape[0] == 1:  # binary: scikit-learn keeps one row; make two symmetric logits
-        coef, bias = torch.cat([-coef / 2, coef / 2]), torch.cat([-bias / 2, bias / 2])
-    with torch.no_grad():
-        linear.weight.copy_(coef)
-        linear.bias.copy_(bias)

@@ -29,7 +29,11 @@ class Preprocessing:
 
     @property
     def resize_size(self) -> int:
-        return int(round(self.input_size / self.crop_pct))
+        return self.resize_for(self.input_size)
+
+    def resize_for(self, size: int) -> int:
+        """The shorter side to resize to before a center crop of ``size`` (the backbone's crop fraction kept)."""
+        return int(round(size / self.crop_pct))
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Classification metrics: accuracy, per-class precision/recall/F1, confusion matrix."""
+"""Classification metrics: predicted logits, accuracy, per-class precision/recall/F1, confusion matrix."""
 from __future__ import annotations
 
 import torch

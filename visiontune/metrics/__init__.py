@@ -1,0 +1,1 @@
+"""Metrics: classification (accuracy, per-class, confusion) and COCO (bbox/segm AP)."""

@@ -1,0 +1,1 @@
+"""Tasks: what one kind of model does inside the one training loop (engine/loop.py)."""

@@ -1,0 +1,70 @@
+"""A new head trained on cached backbone features: ``linear``'s whole run, ``staged``'s head phase.
+
+The frozen base runs once per image and view (engine/features.py); the head then trains for many passes over
+those features in seconds. scikit-learn heads (logreg, svm) and kNN are fitted on them instead.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+from torch import nn
+
+from ..models.classifier import Classifier
+
+SKLEARN_HEADS = ("logreg", "svm", "knn")
+
+
+def train_head_on_features(model: Classifier, head: str, batch_size: int, weight_decay: float, label_smoothing: float, seed: int,
+                           train_feats, val_feats, passes: int, lr: float, on_epoch) -> None:
+    """The head alone, many passes over cached features; ``on_epoch(pass, train stats, val logits)`` after each."""
+    device = next(itertools.chain(model.head.parameters(), model.head.buffers())).device
+    (xf, yf), (xv, yv) = [(x.to(device), y.to(device)) for x, y in (train_feats, val_feats)]
+    if head in SKLEARN_HEADS:
+        fit_sklearn_head(head, model.head, xf.cpu(), yf.cpu(), seed)
+        with torch.no_grad():
+            on_epoch(0, {"train_loss": None, "train_accuracy": None}, model.forward_head(xv))
+        return
+    opt = torch.optim.AdamW(model.head.parameters(), lr=lr, weight_decay=weight_decay)
+    steps = math.ceil(len(xf) / batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=passes * steps)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    g = torch.Generator().manual_seed(seed)
+    for p in range(passes):
+        model.head.train()
+        order = torch.randperm(len(xf), generator=g)
+        loss_sum = correct = 0.0
+        for i in range(0, len(xf), batch_size):
+            idx = order[i: i + batch_size]
+            logits = model.head(xf[idx])
+            loss = loss_fn(logits, yf[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            loss_sum += loss.item() * len(idx)
+            correct += (logits.argmax(1) == yf[idx]).sum().item()
+        model.head.eval()
+        with torch.no_grad():
+            on_epoch(p, {"train_loss": loss_sum / len(xf), "train_accuracy": correct / len(xf)}, model.head(xv))
+
+
+def fit_sklearn_head(kind: str, head: nn.Module, feats: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> None:
+    """Fit logistic regression / linear SVM / kNN with scikit-learn (or torch for kNN) and copy into ``head``."""
+    if kind == "knn":
+        head.set_bank(feats, labels)
+        return
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.svm import LinearSVC
+
+    x, y = feats.numpy(), labels.numpy()
+    est = LogisticRegression(max_iter=2000, C=1.0) if kind == "logreg" else LinearSVC(C=0.1, random_state=seed, max_iter=5000)
+    est.fit(x, y)
+    coef, bias = torch.as_tensor(est.coef_, dtype=torch.float32), torch.as_tensor(est.intercept_, dtype=torch.float32)
+    linear = head[-1]
+    if coef.shape[0] == 1:  # binary: scikit-learn keeps one row; make two symmetric logits
+        coef, bias = torch.cat([-coef / 2, coef / 2]), torch.cat([-bias / 2, bias / 2])
+    with torch.no_grad():
+        linear.weight.copy_(coef)
+        linear.bias.copy_(bias)

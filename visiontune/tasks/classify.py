@@ -1,0 +1,250 @@
+"""Image classification by transfer learning, as a task of the one loop (engine/loop.py).
+
+data (class folders, decoded once) -> backbone + new head -> strategy (what trains, in which phase) -> the loop
+-> metrics.json, pictures and report. A head on a frozen base trains on cached features (cached_head.py)
+instead of pushing every image through the base each epoch.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from .. import checkpoint as ckpt
+from .. import strategies
+from ..config import ClassifyConfig
+from ..data.classification import DecodedImages, decode_all, find_splits
+from ..data.transforms import classification_eval, classification_train
+from ..engine import distributed, loop, wise
+from ..engine.features import cached_extract
+from ..errors import UserError
+from ..faults import fault_point
+from ..meta import ClassifierMeta, EvalPreprocessing
+from ..metrics.classification import classification_metrics, predict_logits
+from ..models.backbones import build_backbone
+from ..models.classifier import Classifier
+from ..runs import write_json
+from ..strategies import AUTO, STRATEGIES, WHOLE_BACKBONE, Recipe, recipe_for
+from .cached_head import SKLEARN_HEADS, train_head_on_features
+
+
+def fit(cfg: ClassifyConfig, resume: bool = False, given: dict | None = None) -> dict:
+    """Train a classifier as ``cfg`` says and write the run directory. Returns metrics.json's content."""
+    return loop.fit(ClassifyTask(cfg), resume, given)
+
+
+def resolve_settings(cfg: ClassifyConfig) -> tuple[ClassifyConfig, Recipe]:
+    """Fill every unset value from the recipe; explicit settings win."""
+    recipe = recipe_for(cfg.recipe, cfg.strategy)
+    cfg = replace(
+        cfg,
+        epochs=cfg.epochs or recipe.epochs,
+        batch_size=cfg.batch_size or recipe.batch_size,
+        lr=cfg.lr or recipe.lr,
+        weight_decay=recipe.weight_decay if cfg.weight_decay is None else cfg.weight_decay,
+        views=cfg.views or recipe.views,
+        wise_alpha=recipe.wise_alpha if cfg.wise_alpha is None else cfg.wise_alpha,
+        workers=0 if cfg.workers is None else cfg.workers,
+    )
+    if cfg.head in SKLEARN_HEADS and not STRATEGIES[cfg.strategy].frozen_base:
+        raise UserError(f"--head {cfg.head}: only with --strategy linear (it is fitted on cached features)")
+    if cfg.head in SKLEARN_HEADS and not recipe.use_feature_cache:
+        raise UserError(f"--head {cfg.head}: needs the default recipe (the tutorial recipe trains a linear head)")
+    return cfg, recipe
+
+
+def make_scheduler(optimizer, recipe: Recipe, phases, steps_per_epoch: int, epochs: int, start_step: int = 0):
+    """Per-step LR factors: the recipe's schedule times each phase's backbone scale. Pure functions of the step,
+    so a schedule that starts at ``start_step`` (after a prologue's epochs) is the same schedule moved on."""
+    total = max(1, epochs * steps_per_epoch)
+    warmup = int(recipe.warmup_epochs * steps_per_epoch)
+
+    def schedule(step: int) -> float:
+        if recipe.schedule == "step":
+            return 0.1 ** ((step // steps_per_epoch) // recipe.step_epochs)
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    def backbone_factor(step: int) -> float:
+        return schedule(step) * strategies.phase_at(phases, step // steps_per_epoch).backbone_lr_scale
+
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", group["lr"])
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, [backbone_factor, schedule], last_epoch=start_step - 1)
+
+
+def epoch_loader(dataset, batch_size: int, seed: int, epoch: int, workers: int) -> DataLoader:
+    """Shuffled in an order that depends only on (seed, epoch), so a resumed run sees the same batches.
+
+    Under torchrun each process takes its share of that order and of the global ``batch_size``; each image's
+    augmentation is seeded by (seed, epoch, index), so N processes see the batches of one (distributed.py).
+    """
+    sampler = distributed.epoch_sampler(dataset, seed * 100_003, epoch)
+    per_process = distributed.per_process_batch(batch_size)
+    drop_last = sampler.num_samples % per_process == 1  # a batch of one breaks BatchNorm in train mode
+    return DataLoader(distributed.SeededPerSample(dataset, seed, epoch), batch_size=per_process, sampler=sampler,
+                      drop_last=drop_last, num_workers=workers, persistent_workers=False)
+
+
+class ClassifyTask:
+    """Classification's hooks for engine.loop.fit (see its ``Task``)."""
+
+    command = "classify"
+    clip_grad = 0.0
+
+    def __init__(self, cfg: ClassifyConfig):
+        self.cfg, self.advice = cfg, None
+
+    def resolve(self, cfg: ClassifyConfig) -> ClassifyConfig:
+        if cfg.strategy == AUTO:
+            from ..advisor import choose_strategy
+
+            self.advice = choose_strategy(cfg)
+            cfg = replace(cfg, strategy=self.advice.strategy, trainable_stages=cfg.trainable_stages or self.advice.trainable_stages)
+        cfg, self.recipe = resolve_settings(cfg)
+        return cfg
+
+    def setup(self, device: torch.device, bf16: bool, progress: bool) -> None:
+        cfg, recipe = self.cfg, self.recipe
+        self.device, self.bf16, self.progress = device, bf16, progress
+        self.train_s, self.val_s = find_splits(cfg.data, cfg.val_data, cfg.val_split, cfg.seed)
+        backbone = build_backbone(cfg.model, cfg.weights)
+        prep = backbone.preprocessing
+        size = cfg.image_size or prep.input_size
+        resize = prep.resize_for(size)
+        bank_size = len(self.train_s) * cfg.views if cfg.head == "knn" else 1
+        self.model = Classifier(backbone, len(self.train_s.classes), head=cfg.head, bank_size=bank_size)
+        # WiSE-FT averages with the pretrained base; taken before a resume loads the checkpoint, so it is the same then
+        keep_base = cfg.wise_alpha < 1.0 and backbone.pretrained != "none"
+        self.pretrained_base = wise.pretrained_snapshot(self.model.backbone) if keep_base else None
+        self.phases = strategies.plan(cfg.strategy, backbone.stages, cfg.epochs, trainable_stages=cfg.trainable_stages,
+                                      freeze_until=cfg.freeze_until, head_epochs=recipe.head_epochs,
+                                      backbone_lr_scale=recipe.backbone_lr_scale)
+        train_imgs, train_labels, self.bad_train = decode_all(self.train_s, resize, cfg.skip_bad)
+        val_imgs, self.val_labels, self.bad_val = decode_all(self.val_s, resize, cfg.skip_bad)
+        self.train_ds = DecodedImages(train_imgs, train_labels, classification_train(size, prep.mean, prep.std, recipe.crop_scale_min))
+        self.val_ds = DecodedImages(val_imgs, self.val_labels, classification_eval(size, resize, prep.mean, prep.std))
+        self.val_loader = DataLoader(distributed.shard(self.val_ds), batch_size=64, shuffle=False, num_workers=cfg.workers)
+        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
+        self.meta = ClassifierMeta(
+            model=backbone.name, classes=self.train_s.classes, pretrained=backbone.pretrained, head=cfg.head,
+            num_features=backbone.num_features, bank_size=bank_size, strategy=cfg.strategy, recipe=cfg.recipe,
+            preprocessing=EvalPreprocessing(list(prep.mean), list(prep.std), size, resize),
+            advice=self.advice.as_dict() if self.advice else None)
+
+    def optimizer(self, start_epoch: int):
+        """Two parameter groups, backbone then head, always: resume then finds the same groups in every phase."""
+        cfg, recipe = self.cfg, self.recipe
+        groups = self.model.param_groups()
+        params = [{"params": groups["backbone"], "name": "backbone"}, {"params": groups["head"], "name": "head"}]
+        if recipe.optimizer == "sgd":
+            optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=recipe.momentum, weight_decay=cfg.weight_decay)
+        else:
+            optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        steps = len(epoch_loader(self.train_ds, cfg.batch_size, cfg.seed, 0, 0))
+        return optimizer, make_scheduler(optimizer, recipe, self.phases, steps, cfg.epochs, start_epoch * steps), steps
+
+    def data_check(self) -> dict:
+        return {"classes": self.train_s.classes, "train_images": len(self.train_ds), "val_images": len(self.val_ds)}
+
+    def prologue(self, record) -> int:
+        """A first phase with the whole base frozen trains the head on cached features; returns its epochs."""
+        cfg, first = self.cfg, self.phases[0]
+        if not (self.recipe.use_feature_cache and first.frozen == (WHOLE_BACKBONE,)):
+            return 0
+        fault_point("features")
+        strategies.apply(self.model, first)
+        train = distributed.computed_on_main(lambda: self._features(self.train_s, self.train_ds, cfg.views, cfg.seed, "train"))
+        val = distributed.computed_on_main(lambda: self._features(self.val_s, self.val_ds, 1, 0, "val"))
+        head_args = (self.model, cfg.head, cfg.batch_size, cfg.weight_decay, self.recipe.label_smoothing, cfg.seed, train, val)
+        if STRATEGIES[cfg.strategy].frozen_base:  # the whole run is the head on cached features
+            train_head_on_features(*head_args, cfg.epochs, cfg.lr,
+                                   lambda p, stats, logits: self._record(record, p, "linear (cached features)", stats, logits))
+            return cfg.epochs
+        last = {}  # staged: the head's passes on cached features count as the head phase
+
+        def keep(p, stats, logits):
+            last["stats"], last["logits"] = stats, logits
+
+        train_head_on_features(*head_args, STRATEGIES["linear"].recipe.epochs, self.recipe.head_lr or cfg.lr, keep)
+        self._record(record, first.epochs - 1, "head (cached features)", last["stats"], last["logits"])
+        return first.epochs
+
+    def _features(self, samples, dataset, views: int, seed: int, split: str):
+        return cached_extract(self.meta.model, self.model.backbone, dataset, [p for p, _ in samples.items],
+                              f"decode {self.meta.preprocessing.resize_size}; {dataset.transform!r}", views, seed, self.cfg.cache_dir,
+                              self.bf16, desc=f"features ({split})", progress=self.progress)
+
+    def epoch_loader(self, epoch: int) -> DataLoader:
+        return epoch_loader(self.train_ds, self.cfg.batch_size, self.cfg.seed, epoch, self.cfg.workers)
+
+    def before_epoch(self, epoch: int) -> None:
+        self.phase = strategies.phase_at(self.phases, epoch)
+        strategies.apply(self.model, self.phase)
+
+    def forward(self, model, batch, device):
+        x, y = batch
+        x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        y = y.to(device, non_blocking=True)
+        logits = model(x)
+        loss = self.loss_fn(logits.float(), y)
+        return loss, len(y), {"correct": (logits.argmax(1) == y).sum().item(), "loss_x_images": loss.item() * len(y)}
+
+    def summarize(self, totals: dict, seconds: float) -> dict:
+        seen = max(1, totals["seen"])
+        return {"train_loss": totals.get("loss_x_images", 0.0) / seen, "train_accuracy": totals.get("correct", 0) / seen}
+
+    def validate(self, epoch: int, stats: dict, record) -> None:
+        fault_point("validate")
+        distributed.broadcast_buffers(self.model)  # validate rank 0's model, one shard per process
+        with wise.averaged_with(self.model.backbone, self.pretrained_base, self.cfg.wise_alpha):  # validated and kept averaged
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                logits = distributed.gather_cat(predict_logits(self.model, self.val_loader)[0])
+            self._record(record, epoch, self.phase.name, stats, logits)
+
+    def _record(self, record, epoch: int, phase: str, stats: dict, logits: torch.Tensor) -> None:
+        m = classification_metrics(logits.cpu(), torch.as_tensor(self.val_labels), self.train_s.classes)
+        fields = {"phase": phase, **stats, "val_loss": m["loss"], "val_accuracy": m["accuracy"], "lr": stats.get("lr")}
+        train_loss = f"{stats['train_loss']:.4f}" if stats.get("train_loss") is not None else "-"
+        record(epoch, fields, m["accuracy"], {"val_accuracy": m["accuracy"]},
+               f"[{phase}] train_loss {train_loss}  val_loss {m['loss']:.4f}  val_acc {m['accuracy']:.4f}")
+
+    def finish(self, out: Path, state) -> dict:
+        """Reload the best model, write metrics.json, the pictures and report.html."""
+        from ..report import write_report, write_val_predictions
+        from ..visualize import confusion_matrix_png, prediction_grid_png
+
+        cfg, classes = self.cfg, self.train_s.classes
+        best_sd, _ = ckpt.load_model_file(out / "model.safetensors")
+        final_acc = state.history[-1]["val_accuracy"]
+        self.model.load_state_dict(best_sd)
+        logits, labels = predict_logits(self.model, DataLoader(self.val_ds, batch_size=64))
+        m = classification_metrics(logits, labels, classes)
+        trainable, total = self.model.count_params()
+        train_seconds = state.elapsed()
+        metrics = {
+            "task": "classification", "best_val_accuracy": state.best, "best_epoch": state.best_epoch, "final_val_accuracy": final_acc,
+            "epochs": cfg.epochs, "train_seconds": round(train_seconds, 2), "strategy": cfg.strategy, "model": self.meta.model,
+            "head": cfg.head, "recipe": cfg.recipe, "trainable_params": trainable, "total_params": total, "classes": classes,
+            "per_class": m["per_class"], "confusion_matrix": m["confusion_matrix"], "skipped_bad_images": self.bad_train + self.bad_val,
+            "skipped_non_images": self.train_s.skipped,
+        }
+        if self.meta.advice:
+            metrics["advice"] = self.meta.advice
+        write_json(out / "metrics.json", metrics)
+        val_paths = None if self.bad_val else [str(p) for p, _ in self.val_s.items]  # aligned with val_ds only when none was skipped
+        write_val_predictions(out / "val_predictions.json", self.val_ds.images, logits, labels, classes, val_paths)
+        prediction_grid_png(out / "predictions.png", self.val_ds, logits, labels, classes, vars(self.meta.preprocessing))
+        confusion_matrix_png(out / "confusion_matrix.png", m["confusion_matrix"], classes)
+        write_report(out)
+        if not cfg.quiet:
+            print(f"best val accuracy {state.best:.4f} (epoch {state.best_epoch}), final {final_acc:.4f}, {train_seconds:.0f}s", flush=True)
+            print(f"outputs in {out}/: model.safetensors metrics.json log.jsonl report.html predictions.png confusion_matrix.png "
+                  "config.yaml", flush=True)
+        return metrics

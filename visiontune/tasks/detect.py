@@ -1,0 +1,172 @@
+"""Detection and instance segmentation (Mask/Faster R-CNN), as a task of the one loop (engine/loop.py).
+
+The detection tutorial's recipe (SGD 0.005/0.9/5e-4, warm-up in the first epoch, StepLR(3, 0.1), batch 2,
+horizontal flip), with what makes it faster on a CPU: images decoded once, batches of similar aspect ratio,
+channels_last, bf16 autocast in training where the hardware has it (``--precision``). Gradient-norm clipping
+keeps heads trained from scratch from diverging. Validation is COCO bbox (and segm) AP (metrics/coco.py).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from .. import checkpoint as ckpt
+from ..config import DetectConfig
+from ..data.formats import load_splits
+from ..data.instance import DetectionDataset, collate, grouped_batches
+from ..engine import distributed, loop
+from ..errors import UserError
+from ..faults import fault_point
+from ..meta import DetectorMeta
+from ..metrics.coco import coco_metrics, coco_results, evaluate_model, predict_records
+from ..models.detection import CUSTOM_MODELS, build_detector, is_mask_model, trainable_parameters
+from ..runs import write_json
+
+log = logging.getLogger("visiontune")
+
+
+def fit(cfg: DetectConfig, resume: bool = False, given: dict | None = None) -> dict:
+    """Train a detector as ``cfg`` says and write the run directory. Returns metrics.json's content."""
+    return loop.fit(DetectTask(cfg), resume, given)
+
+
+def resolve_model_name(model: str, has_masks: bool) -> str:
+    """Boxes-only data trains Faster R-CNN: the custom maskrcnn switches; a torchvision Mask R-CNN is refused."""
+    if has_masks or not is_mask_model(model):
+        return model
+    if model in CUSTOM_MODELS:
+        log.info("the annotations have boxes only: training fasterrcnn (detection, no masks)")
+        return "fasterrcnn"
+    raise UserError(f"--model {model}: the annotations have boxes only (no segmentation); use --model {model.replace('mask', 'faster')}")
+
+
+def lr_factor(step: int, steps_per_epoch: int, lr_step: int) -> float:
+    """The tutorial's schedule per step: linear warm-up over the first epoch (from 1/1000), then StepLR(lr_step, 0.1)."""
+    warmup = min(1000, steps_per_epoch - 1)
+    epoch = step // steps_per_epoch
+    factor = 0.1 ** (epoch // lr_step)
+    if step < warmup:
+        alpha = step / warmup
+        factor *= 0.001 * (1 - alpha) + alpha
+    return factor
+
+
+def epoch_batches(dataset: DetectionDataset, batch_size: int, seed: int, epoch: int, workers: int) -> DataLoader:
+    """Batches of similar aspect ratio in an order that depends only on (seed, epoch); under torchrun each process
+    takes its share of every global batch, and each image's flip is seeded by (seed, epoch, index) (distributed.py)."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    batches = distributed.split_batches(grouped_batches(dataset, batch_size, g))
+    return DataLoader(distributed.SeededPerSample(dataset, seed, epoch), batch_sampler=batches, collate_fn=collate, num_workers=workers)
+
+
+def evaluate_sharded(model, records, classes: list[str], has_masks: bool, device) -> dict:
+    """``evaluate_model`` over all processes: each predicts its slice of ``records``, the COCO results are gathered,
+    and COCOeval sees every image once. Adds ``val_images``, the number of images predicted."""
+    distributed.broadcast_buffers(model)  # rank 0's model, the one saved
+    mine = distributed.shard(records)
+    outputs = predict_records(model, [r.image for r in mine], device)
+    parts = distributed.gather_objects((len(mine), coco_results(outputs, [r.image_id for r in mine])))
+    fault_point("validate")
+    results = [r for _, part in parts for r in part]
+    return {**coco_metrics(records, results, classes, has_masks), "val_images": sum(n for n, _ in parts)}
+
+
+class DetectTask:
+    """Detection's hooks for engine.loop.fit (see its ``Task``)."""
+
+    command = "detect"
+
+    def __init__(self, cfg: DetectConfig):
+        self.cfg = cfg
+
+    def resolve(self, cfg: DetectConfig) -> DetectConfig:
+        self.clip_grad = cfg.clip_grad
+        return cfg
+
+    def setup(self, device: torch.device, bf16: bool, progress: bool) -> None:
+        cfg = self.cfg
+        self.device = device
+        self.train_records, self.val_records, self.data = load_splits(cfg)
+        model_name = resolve_model_name(cfg.model, self.data.has_masks)
+        self.model = build_detector(model_name, len(self.data.classes) + 1, backbone=cfg.backbone, weights=cfg.weights,
+                                    backbone_weights=cfg.backbone_weights, neck=cfg.neck,
+                                    trainable_backbone_layers=cfg.trainable_backbone_layers, min_size=cfg.min_size,
+                                    max_size=cfg.max_size, rois_per_image=cfg.rois_per_image)
+        self.has_masks = self.data.has_masks and is_mask_model(model_name)  # a boxes-only model has no segm AP
+        self.train_ds = DetectionDataset(self.train_records, train=True)
+        self.workers = 0 if cfg.workers is None else cfg.workers
+        self.steps_per_epoch = len(distributed.split_batches(grouped_batches(self.train_ds, cfg.batch_size, torch.Generator())))
+        self.meta = DetectorMeta(model=model_name, classes=self.data.classes, pretrained=getattr(self.model, "pretrained", "none"),
+                                 backbone=cfg.backbone, neck=cfg.neck, category_ids=self.data.category_ids, masks=self.has_masks,
+                                 data_format=cfg.format, min_size=cfg.min_size, max_size=cfg.max_size)
+        if progress:
+            print(f"{model_name}{' on ' + cfg.backbone if cfg.backbone else ''}, {len(self.data.classes)} class(es), "
+                  f"{len(self.train_records)} train / {len(self.val_records)} val images, {self.steps_per_epoch} steps per epoch", flush=True)
+
+    def optimizer(self, start_epoch: int):
+        cfg = self.cfg
+        optimizer = torch.optim.SGD(trainable_parameters(self.model), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        steps = self.steps_per_epoch
+        for group in optimizer.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps, cfg.lr_step),
+                                                      last_epoch=start_epoch * steps - 1)
+        return optimizer, scheduler, steps
+
+    def data_check(self) -> dict:
+        return {"classes": self.data.classes, "train_images": len(self.train_records), "val_images": len(self.val_records)}
+
+    def prologue(self, record) -> int:
+        return 0
+
+    def epoch_loader(self, epoch: int) -> DataLoader:
+        return epoch_batches(self.train_ds, self.cfg.batch_size, self.cfg.seed, epoch, self.workers)
+
+    def before_epoch(self, epoch: int) -> None:
+        pass
+
+    def forward(self, model, batch, device):
+        images, targets = batch
+        images = [im.to(device, non_blocking=True) for im in images]
+        targets = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in t.items()} for t in targets]
+        loss_dict = model(images, targets)  # loss_classifier, loss_box_reg, loss_mask, loss_objectness, loss_rpn_box_reg
+        return sum(loss_dict.values()), len(images), {k: v.item() for k, v in loss_dict.items()}
+
+    def summarize(self, totals: dict, seconds: float) -> dict:
+        n = max(1, totals["steps"])
+        return {"train_loss": totals["loss_sum"] / n if totals["steps"] else None,
+                **{k: v / n for k, v in totals.items() if k.startswith("loss_")},
+                "first_step_loss": totals["first_step_loss"], "last_step_loss": totals["last_step_loss"]}
+
+    def validate(self, epoch: int, stats: dict, record) -> None:
+        m = evaluate_sharded(self.model, self.val_records, self.data.classes, self.has_masks, self.device)
+        overall = {k: v for k, v in m.items() if k != "per_class"}
+        shown = "  ".join(f"{k} {m[k]:.3f}" for k in m if k.endswith(("_AP", "_AP50")))
+        record(epoch, {**stats, **overall}, m["segm_AP" if self.has_masks else "bbox_AP"], overall,
+               f"loss {stats['train_loss']:.3f}  {shown}")
+
+    def finish(self, out: Path, state) -> dict:
+        """Reload the best model, write metrics.json, predictions.png and report.html."""
+        from ..report import write_report
+        from ..visualize import detection_predictions_png
+
+        cfg, data = self.cfg, self.data
+        best_sd, _ = ckpt.load_model_file(out / "model.safetensors")
+        self.model.load_state_dict(best_sd)
+        m, outputs = evaluate_model(self.model, self.val_records, data.classes, self.has_masks, self.device)
+        train_seconds = state.history[-1]["elapsed_seconds"] if state.history else 0.0
+        metrics = {"task": "detection", **{k: m[k] for k in m if k != "per_class"}}
+        metrics.update(epochs=cfg.epochs, best_epoch=state.best_epoch, train_seconds=round(train_seconds, 2), model=self.meta.model,
+                       backbone=cfg.backbone, classes=data.classes, per_class=m["per_class"], train_images=len(self.train_records),
+                       val_images=len(self.val_records), dropped_degenerate_boxes=data.dropped_boxes)
+        write_json(out / "metrics.json", metrics)
+        detection_predictions_png(out / "predictions.png", self.val_records[:6], outputs[:6], data.classes)
+        write_report(out)
+        if not cfg.quiet:
+            shown = "  ".join(f"{k} {metrics[k]:.3f}" for k in metrics if k.endswith(("_AP", "_AP50", "_AP75")))
+            print(f"best epoch {state.best_epoch}: {shown}  ({train_seconds:.0f}s)", flush=True)
+            print(f"outputs in {out}/: model.safetensors metrics.json log.jsonl predictions.png report.html config.yaml", flush=True)
+        return metrics
