@@ -16,7 +16,9 @@ import sys
 import tempfile
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -74,7 +76,7 @@ def unprivileged():
     if os.geteuid() != 0:
         yield
         return
-    import visiontune.engine.train  # noqa: F401 - every module the run needs is imported while we can read them
+    import visiontune.tasks.classify  # noqa: F401 - every module the run needs is imported while we can read them
     from visiontune.models.backbones import build_backbone
 
     build_backbone("timm:test_efficientnet", "none")
@@ -95,6 +97,33 @@ def unprivileged():
 # Each builds its input under ``t`` (a fresh folder) and returns (argv, text the error line must contain).
 # ``out`` is the earlier run; training cases pass --overwrite to prove it is still not touched.
 
+@dataclass(frozen=True)
+class Case:
+    """One kind of bad input: ``build(t, out)`` makes it and returns (argv, text the error line must contain)."""
+
+    id: str
+    build: Callable[[Path, Path], tuple[list[str], str]]
+    unreadable: tuple[str, ...] = ()
+    """Paths under ``t`` made unreadable (mode 0) just before the run; such a case runs as user nobody when we
+    are root, with its input and the earlier run in a folder nobody can reach."""
+
+    @property
+    def unprivileged(self) -> bool:
+        return bool(self.unreadable)
+
+
+CASES: list[Case] = []
+
+
+def case(*, unreadable: tuple[str, ...] = ()):
+    """Adds the decorated build function to CASES, named by the function."""
+    def register(build):
+        assert build.__name__ not in {c.id for c in CASES}, build.__name__
+        CASES.append(Case(build.__name__, build, unreadable))
+        return build
+    return register
+
+
 def train(data, out, *extra):
     return ["classify", "train", "--data", str(data), "--out", str(out), "--overwrite", *TINY, *extra]
 
@@ -103,33 +132,39 @@ def folders(t: Path, **kw) -> Path:
     return make_class_folders(t / "data", per_class=3, **kw)
 
 
-def case_missing_data(t, out):
+@case()
+def missing_data(t, out):
     return train(t / "nowhere", out), "nowhere: no such directory"
 
 
-def case_data_not_given(t, out):
+@case()
+def data_not_given(t, out):
     return ["classify", "train", "--out", str(out), "--overwrite", *TINY], "--data: required"
 
 
-def case_data_is_a_file(t, out):
+@case()
+def data_is_a_file(t, out):
     (t / "images.zip").write_bytes(b"PK")
     return train(t / "images.zip", out), "images.zip: not a directory"
 
 
-def case_no_class_folders(t, out):
+@case()
+def no_class_folders(t, out):
     (t / "data" / "train").mkdir(parents=True)
     (t / "data" / "val").mkdir()
     return train(t / "data", out), "no class folders"
 
 
-def case_empty_class(t, out):
+@case()
+def empty_class(t, out):
     data = folders(t)
     for f in (data / "train" / "red").iterdir():
         f.unlink()
     return train(data, out), "red has no images"
 
 
-def case_class_of_non_images(t, out):
+@case()
+def class_of_non_images(t, out):
     data = folders(t)
     shutil.rmtree(data / "val" / "blue")
     (data / "val" / "blue").mkdir()
@@ -137,44 +172,52 @@ def case_class_of_non_images(t, out):
     return train(data, out), "blue has no images"
 
 
-def case_one_class(t, out):
+@case()
+def one_class(t, out):
     return train(folders(t, classes=("red",)), out), "only one class"
 
 
-def case_train_val_classes_differ(t, out):
+@case()
+def train_val_classes_differ(t, out):
     data = folders(t)
     (data / "val" / "blue").rename(data / "val" / "green")
     return train(data, out), "only in train: ['blue']"
 
 
-def case_no_train_val_and_no_split(t, out):
+@case()
+def no_train_val_and_no_split(t, out):
     data = folders(t, splits=("",))
     return train(data, out), "--val-split"
 
 
-def case_val_split_too_few(t, out):
+@case()
+def val_split_too_few(t, out):
     data = make_class_folders(t / "data", per_class=1, splits=("",))
     return train(data, out, "--val-split", "0.5"), "too few to split"
 
 
-def case_missing_val_data(t, out):
+@case()
+def missing_val_data(t, out):
     return train(folders(t), out, "--val-data", str(t / "nope")), "--val-data"
 
 
-def case_corrupt_image(t, out):
+@case()
+def corrupt_image(t, out):
     data = folders(t)
     (data / "train" / "red" / "red_1.png").write_bytes(os.urandom(2000))
     return train(data, out), "red_1.png"
 
 
-def case_truncated_png(t, out):
+@case()
+def truncated_png(t, out):
     data = folders(t)
     p = make_image(data / "train" / "blue" / "big.png", (0, 0, 200), size=(256, 256))
     p.write_bytes(p.read_bytes()[:3000])
     return train(data, out), "big.png: corrupt or truncated"
 
 
-def case_truncated_jpeg(t, out):
+@case()
+def truncated_jpeg(t, out):
     data = folders(t)
     p = data / "val" / "red" / "photo.jpg"
     Image.new("RGB", (256, 256), (200, 0, 0)).save(p, quality=90)
@@ -182,220 +225,264 @@ def case_truncated_jpeg(t, out):
     return train(data, out), "photo.jpg"
 
 
-def case_zero_byte_image(t, out):
+@case()
+def zero_byte_image(t, out):
     data = folders(t)
     (data / "train" / "red" / "empty.jpg").write_bytes(b"")
     return train(data, out), "empty.jpg"
 
 
-def case_text_with_image_extension(t, out):
+@case()
+def text_with_image_extension(t, out):
     data = folders(t)
     (data / "train" / "blue" / "readme.png").write_text("this is not a picture")
     return train(data, out), "readme.png: not an image"
 
 
-def case_decompression_bomb(t, out):
+@case()
+def decompression_bomb(t, out):
     data = folders(t)
     Image.new("1", (9000, 9000)).save(data / "train" / "red" / "bomb.png")
     return train(data, out), "bomb.png"
 
 
-def case_unreadable_image(t, out):
-    data = folders(t)
-    (data / "train" / "red" / "red_0.png").chmod(0)
-    return train(data, out), "red_0.png: permission denied"
+@case(unreadable=("data/train/red/red_0.png",))
+def unreadable_image(t, out):
+    return train(folders(t), out), "red_0.png: permission denied"
 
 
-def case_unknown_model(t, out):
+@case()
+def unknown_model(t, out):
     return train(folders(t), out, "--model", "efficientnet_lite9"), "did you mean"
 
 
-def case_unknown_timm_model(t, out):
+@case()
+def unknown_timm_model(t, out):
     return train(folders(t), out, "--model", "timm:resnet_does_not_exist"), "timm has no model"
 
 
-def case_unknown_strategy(t, out):
+@case()
+def unknown_strategy(t, out):
     return train(folders(t), out, "--strategy", "everything"), "--strategy"
 
 
-def case_unknown_head(t, out):
+@case()
+def unknown_head(t, out):
     return train(folders(t), out, "--head", "forest"), "--head"
 
 
-def case_unknown_recipe(t, out):
+@case()
+def unknown_recipe(t, out):
     return train(folders(t), out, "--recipe", "grandma"), "--recipe"
 
 
-def case_unknown_device(t, out):
+@case()
+def unknown_device(t, out):
     return train(folders(t), out, "--device", "tpu"), "--device"
 
 
-def case_unknown_flag(t, out):
+@case()
+def unknown_flag(t, out):
     return train(folders(t), out, "--epochz", "3"), "--epochz"
 
 
-def case_unknown_stage(t, out):
+@case()
+def unknown_stage(t, out):
     return train(folders(t), out, "--strategy", "partial", "--freeze-until", "blocks.99"), "--freeze-until"
 
 
-def case_too_many_trainable_stages(t, out):
+@case()
+def too_many_trainable_stages(t, out):
     return train(folders(t), out, "--strategy", "partial", "--trainable-stages", "99"), "--trainable-stages"
 
 
-def case_sklearn_head_with_full(t, out):
+@case()
+def sklearn_head_with_full(t, out):
     return train(folders(t), out, "--strategy", "full", "--head", "svm"), "--head svm"
 
 
-def case_zero_epochs(t, out):
+@case()
+def zero_epochs(t, out):
     return train(folders(t), out, "--epochs", "0"), "--epochs"
 
 
-def case_negative_epochs(t, out):
+@case()
+def negative_epochs(t, out):
     return train(folders(t), out, "--epochs", "-3"), "--epochs"
 
 
-def case_zero_batch_size(t, out):
+@case()
+def zero_batch_size(t, out):
     return train(folders(t), out, "--batch-size", "0"), "--batch-size"
 
 
-def case_negative_lr(t, out):
+@case()
+def negative_lr(t, out):
     return train(folders(t), out, "--lr", "-0.1"), "--lr"
 
 
-def case_lr_not_a_number(t, out):
+@case()
+def lr_not_a_number(t, out):
     return train(folders(t), out, "--lr", "fast"), "--lr"
 
 
-def case_negative_checkpoint_every(t, out):
+@case()
+def negative_checkpoint_every(t, out):
     return train(folders(t), out, "--checkpoint-every", "-5"), "--checkpoint-every"
 
 
-def case_zero_val_split(t, out):
+@case()
+def zero_val_split(t, out):
     return train(folders(t), out, "--val-split", "0"), "--val-split"
 
 
-def case_val_split_out_of_range(t, out):
+@case()
+def val_split_out_of_range(t, out):
     return train(folders(t), out, "--val-split", "1.5"), "--val-split"
 
 
-def case_tiny_image_size(t, out):
+@case()
+def tiny_image_size(t, out):
     return train(folders(t), out, "--image-size", "8"), "--image-size"
 
 
-def case_negative_workers(t, out):
+@case()
+def negative_workers(t, out):
     return train(folders(t), out, "--workers", "-1"), "--workers"
 
 
-def case_out_is_a_file(t, out):
+@case()
+def out_is_a_file(t, out):
     (t / "run.txt").write_text("x")
     return ["classify", "train", "--data", str(folders(t)), "--out", str(t / "run.txt"), *TINY], "not a directory"
 
 
-def case_out_not_writable(t, out):
+@case()
+def out_not_writable(t, out):
     return ["classify", "train", "--data", str(folders(t)), "--out", "/proc/visiontune-run", *TINY], "--out: cannot write"
 
 
-def case_existing_run_without_overwrite(t, out):
+@case()
+def existing_run_without_overwrite(t, out):
     return ["classify", "train", "--data", str(folders(t)), "--out", str(out), *TINY], "--overwrite"
 
 
-def case_weights_missing(t, out):
+@case()
+def weights_missing(t, out):
     return train(folders(t), out, "--weights", str(t / "none.pth")), "none.pth: no such file"
 
 
-def case_weights_directory(t, out):
+@case()
+def weights_directory(t, out):
     (t / "weights").mkdir()
     return train(folders(t), out, "--weights", str(t / "weights")), "is a directory"
 
 
-def case_weights_zero_byte(t, out):
+@case()
+def weights_zero_byte(t, out):
     (t / "w.safetensors").write_bytes(b"")
     return train(folders(t), out, "--weights", str(t / "w.safetensors")), "w.safetensors: cannot read weights"
 
 
-def case_weights_truncated(t, out):
+@case()
+def weights_truncated(t, out):
     save_file({"w": torch.zeros(1000)}, str(t / "w.safetensors"))
     (t / "w.safetensors").write_bytes((t / "w.safetensors").read_bytes()[:2000])
     return train(folders(t), out, "--weights", str(t / "w.safetensors")), "w.safetensors: cannot read weights"
 
 
-def case_weights_random_bytes(t, out):
+@case()
+def weights_random_bytes(t, out):
     (t / "w.pth").write_bytes(os.urandom(4096))
     return train(folders(t), out, "--weights", str(t / "w.pth")), "w.pth: cannot read weights"
 
 
-def case_weights_other_architecture(t, out):
+@case()
+def weights_other_architecture(t, out):
     save_file({"fc.weight": torch.zeros(10, 5), "conv.weight": torch.zeros(3, 3, 3, 3)}, str(t / "other.safetensors"))
     return train(folders(t), out, "--weights", str(t / "other.safetensors")), "do not match this architecture"
 
 
-def case_weights_not_tensors(t, out):
+@case()
+def weights_not_tensors(t, out):
     torch.save({"epoch": 3, "note": "a training log, not weights"}, t / "log.pth")
     return train(folders(t), out, "--weights", str(t / "log.pth")), "not a state dict of tensors"
 
 
-def case_config_malformed_yaml(t, out):
+@case()
+def config_malformed_yaml(t, out):
     (t / "c.yaml").write_text("epochs: [3\nstrategy: full\n")
     return ["classify", "train", "--config", str(t / "c.yaml"), "--out", str(out), "--overwrite"], "not valid YAML"
 
 
-def case_config_unknown_key(t, out):
+@case()
+def config_unknown_key(t, out):
     (t / "c.yaml").write_text(f"data: {folders(t)}\nepocs: 3\n")
     return ["classify", "train", "--config", str(t / "c.yaml"), "--out", str(out), "--overwrite"], "unknown setting 'epocs'; did you mean 'epochs'?"
 
 
-def case_config_wrong_type(t, out):
+@case()
+def config_wrong_type(t, out):
     (t / "c.yaml").write_text(f"data: {folders(t)}\nepochs: three\n")
     return ["classify", "train", "--config", str(t / "c.yaml"), "--out", str(out), "--overwrite"], "epochs: expected a whole number"
 
 
-def case_config_not_a_mapping(t, out):
+@case()
+def config_not_a_mapping(t, out):
     (t / "c.yaml").write_text("- epochs\n- 3\n")
     return ["classify", "train", "--config", str(t / "c.yaml"), "--out", str(out), "--overwrite"], "mapping"
 
 
-def case_config_missing(t, out):
+@case()
+def config_missing(t, out):
     return ["classify", "train", "--config", str(t / "c.yaml"), "--out", str(out), "--overwrite"], "c.yaml: no such file"
 
 
-def case_config_directory(t, out):
+@case()
+def config_directory(t, out):
     (t / "c.yaml").mkdir()
     return ["classify", "train", "--config", str(t / "c.yaml"), "--out", str(out), "--overwrite"], "is a directory"
 
 
-def case_config_binary(t, out):
+@case()
+def config_binary(t, out):
     Image.new("RGB", (8, 8)).save(t / "c.yaml", format="PNG")
     return ["classify", "train", "--config", str(t / "c.yaml"), "--out", str(out), "--overwrite"], "c.yaml"
 
 
-def case_config_unreadable(t, out):
+@case(unreadable=("c.yaml",))
+def config_unreadable(t, out):
     (t / "c.yaml").write_text("epochs: 3\n")
-    (t / "c.yaml").chmod(0)
     return ["classify", "train", "--config", str(t / "c.yaml"), "--out", str(out), "--overwrite"], "c.yaml"
 
 
-def case_config_python_object(t, out):
+@case()
+def config_python_object(t, out):
     (t / "c.yaml").write_text(f"epochs: !!python/object/apply:pathlib.Path.touch [!!python/object/apply:pathlib.Path ['{t / 'pwned'}']]\n")
     return ["classify", "train", "--config", str(t / "c.yaml"), "--out", str(out), "--overwrite"], "not valid YAML"
 
 
-def case_resume_not_a_run(t, out):
+@case()
+def resume_not_a_run(t, out):
     (t / "empty").mkdir()
     return ["classify", "train", "--out", str(t / "empty"), "--resume"], "nothing to resume"
 
 
-def case_predict_missing_run(t, out):
+@case()
+def predict_missing_run(t, out):
     return ["classify", "predict", str(t / "norun"), str(t)], "no model file"
 
 
-def case_predict_truncated_model(t, out):
+@case()
+def predict_truncated_model(t, out):
     p = model_file(t / "run" / "model.safetensors")
     p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
     make_image(t / "img.png", (200, 0, 0))
     return ["classify", "predict", str(t / "run"), str(t / "img.png")], "truncated or corrupt"
 
 
-def case_predict_altered_weights(t, out):
+@case()
+def predict_altered_weights(t, out):
     p = model_file(t / "run" / "model.safetensors")
     data = bytearray(p.read_bytes())
     data[-8] ^= 0xFF  # one flipped byte in the last tensor
@@ -404,48 +491,56 @@ def case_predict_altered_weights(t, out):
     return ["classify", "predict", str(t / "run"), str(t / "img.png")], "checksum mismatch"
 
 
-def case_predict_foreign_safetensors(t, out):
+@case()
+def predict_foreign_safetensors(t, out):
     save_file({"w": torch.zeros(3)}, str(t / "model.safetensors"))
     make_image(t / "img.png", (200, 0, 0))
     return ["classify", "predict", str(t / "model.safetensors"), str(t / "img.png")], "not a visiontune file"
 
 
-def case_predict_corrupt_image(t, out):
+@case()
+def predict_corrupt_image(t, out):
     model_file(t / "run" / "model.safetensors")
     (t / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really")
     return ["classify", "predict", str(t / "run"), str(t / "broken.jpg")], "broken.jpg"
 
 
-def case_predict_missing_image(t, out):
+@case()
+def predict_missing_image(t, out):
     model_file(t / "run" / "model.safetensors")
     return ["classify", "predict", str(t / "run"), str(t / "gone.jpg")], "gone.jpg: no such file"
 
 
-def case_predict_zero_topk(t, out):
+@case()
+def predict_zero_topk(t, out):
     model_file(t / "run" / "model.safetensors")
     make_image(t / "img.png", (200, 0, 0))
     return ["classify", "predict", str(t / "run"), str(t / "img.png"), "--topk", "0"], "--topk"
 
 
-def case_predict_unknown_device(t, out):
+@case()
+def predict_unknown_device(t, out):
     model_file(t / "run" / "model.safetensors")
     make_image(t / "img.png", (200, 0, 0))
     return ["classify", "predict", str(t / "run"), str(t / "img.png"), "--device", "tpu"], "--device: unknown device 'tpu'"
 
 
-def case_predict_onnx_on_a_gpu(t, out):
+@case()
+def predict_onnx_on_a_gpu(t, out):
     (t / "model.onnx").write_bytes(b"exported elsewhere")
     make_image(t / "img.png", (200, 0, 0))
     return ["detect", "predict", str(t / "model.onnx"), str(t / "img.png"), "--device", "cuda"], "run on the CPU"
 
 
-def case_eval_unknown_classes(t, out):
+@case()
+def eval_unknown_classes(t, out):
     model_file(t / "run" / "model.safetensors")
     data = make_class_folders(t / "data", classes=("red", "green"), per_class=2, splits=("val",))
     return ["classify", "eval", str(t / "run"), "--data", str(data)], "green"
 
 
-def case_coco_file_name_escapes_root(t, out):
+@case()
+def coco_file_name_escapes_root(t, out):
     pytest.importorskip("visiontune.data.coco")
     root = t / "images"
     make_image(root / "a.png", (1, 2, 3))
@@ -456,7 +551,8 @@ def case_coco_file_name_escapes_root(t, out):
              "--overwrite", "--quiet"], "escapes the image root")
 
 
-def case_coco_absolute_file_name(t, out):
+@case()
+def coco_absolute_file_name(t, out):
     pytest.importorskip("visiontune.data.coco")
     root = t / "images"
     make_image(root / "a.png", (1, 2, 3))
@@ -466,19 +562,19 @@ def case_coco_absolute_file_name(t, out):
              "--overwrite", "--quiet"], "escapes the image root")
 
 
-def case_wise_alpha_out_of_range(t, out):
+@case()
+def wise_alpha_out_of_range(t, out):
     return train(folders(t), out, "--strategy", "full", "--wise-alpha", "0"), "--wise-alpha"
 
 
-def case_detect_zero_rois_per_image(t, out):
+@case()
+def detect_zero_rois_per_image(t, out):
     root = t / "images"
     make_image(root / "a.png", (1, 2, 3))
     return (["detect", "train", "--data", str(root), "--out", str(out), "--rois-per-image", "0", "--overwrite", "--quiet"],
             "--rois-per-image")
 
 
-CASES = {name[5:]: fn for name, fn in sorted(globals().items()) if name.startswith("case_")}
-UNPRIVILEGED = {"unreadable_image", "config_unreadable"}
 
 
 def run_main(argv: list[str], capsys, caplog) -> tuple[int, list[str]]:
@@ -492,10 +588,9 @@ def run_main(argv: list[str], capsys, caplog) -> tuple[int, list[str]]:
     return rc, err + [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] + [str(w.message) for w in caught]
 
 
-@pytest.mark.parametrize("kind", sorted(CASES))
-def test_bad_input_exits_2_with_one_line_and_touches_nothing(kind, tmp_path, earlier_run, capsys, caplog):
-    unprivileged_case = kind in UNPRIVILEGED
-    if unprivileged_case:  # everything where user nobody can reach it
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in sorted(CASES, key=lambda c: c.id)])
+def test_bad_input_exits_2_with_one_line_and_touches_nothing(case, tmp_path, earlier_run, capsys, caplog):
+    if case.unprivileged:  # everything where user nobody can reach it
         base = Path(tempfile.mkdtemp(prefix="visiontune-bad-input-"))
         base.chmod(0o777)
         earlier_run = Path(shutil.copytree(earlier_run, base / "earlier"))
@@ -503,27 +598,26 @@ def test_bad_input_exits_2_with_one_line_and_touches_nothing(kind, tmp_path, ear
         base = tmp_path
     t = base / "input"
     t.mkdir()
-    argv, expected = CASES[kind](t, earlier_run)
+    argv, expected = case.build(t, earlier_run)
     before = snapshot(earlier_run)
     try:
-        if unprivileged_case:
+        if case.unprivileged:
             for p in [*t.rglob("*"), *earlier_run.rglob("*"), earlier_run, t]:
                 p.chmod(0o777 if p.is_dir() else 0o666)
-            for p in t.rglob("*"):
-                if p.name in ("red_0.png", "c.yaml"):
-                    p.chmod(0)
+            for rel in case.unreadable:
+                (t / rel).chmod(0)
             with unprivileged():
                 rc, lines = run_main(argv, capsys, caplog)
         else:
             rc, lines = run_main(argv, capsys, caplog)
-        assert rc == 2, (kind, lines)
-        assert len(lines) == 1, (kind, lines)
+        assert rc == 2, (case.id, lines)
+        assert len(lines) == 1, (case.id, lines)
         assert lines[0].startswith("visiontune: error: ") and "Traceback" not in lines[0], lines
-        assert expected in lines[0], (kind, expected, lines[0])
-        assert snapshot(earlier_run) == before, f"{kind}: the earlier run was changed"
+        assert expected in lines[0], (case.id, expected, lines[0])
+        assert snapshot(earlier_run) == before, f"{case.id}: the earlier run was changed"
         assert not (t / "pwned").exists()
     finally:
-        if unprivileged_case:
+        if case.unprivileged:
             shutil.rmtree(base)
 
 
