@@ -85,6 +85,13 @@ def _checked_types(values: dict, cls, source: str) -> dict:
     return out
 
 
+def _add_train(commands, help_text: str, cls, func) -> None:
+    p = commands.add_parser("train", help=help_text)
+    _add_config_args(p, cls)
+    p.add_argument("--resume", action="store_true", default=argparse.SUPPRESS, help="continue the run in --out from its last checkpoint")
+    p.set_defaults(func=func)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="visiontune", description="Fine-tune pretrained vision models on your own images.")
     parser.add_argument("--verbose", action="store_true", help="debug logging (and tracebacks)")
@@ -92,10 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     classify = tasks.add_parser("classify", help="image classification by transfer learning")
     csub = classify.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    t = csub.add_parser("train", help="fine-tune a classifier on class folders")
-    _add_config_args(t, ClassifyConfig)
-    t.add_argument("--resume", action="store_true", default=argparse.SUPPRESS, help="continue the run in --out from its last checkpoint")
-    t.set_defaults(func=_classify_train)
+    _add_train(csub, "fine-tune a classifier on class folders", ClassifyConfig, _classify_train)
     e = csub.add_parser("eval", help="accuracy, per-class metrics and confusion matrix of a trained run")
     e.add_argument("run", help="run directory or model.safetensors")
     e.add_argument("--data", required=True, help="class folders (or a DIR with val/)")
@@ -114,10 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     detect = tasks.add_parser("detect", help="object detection and instance segmentation (Mask/Faster R-CNN)")
     dsub = detect.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    dt = dsub.add_parser("train", help="fine-tune a detector")
-    _add_config_args(dt, DetectConfig)
-    dt.add_argument("--resume", action="store_true", default=argparse.SUPPRESS, help="continue the run in --out from its last checkpoint")
-    dt.set_defaults(func=_detect_train)
+    _add_train(dsub, "fine-tune a detector", DetectConfig, _detect_train)
     de = dsub.add_parser("eval", help="COCO bbox/segm AP of a trained run")
     de.add_argument("run")
     de.add_argument("--data", required=True)

@@ -63,12 +63,9 @@ class ClassifyConfig:
     sync_bn: bool = setting(False, "under torchrun on CUDA: trainable BatchNorm layers use statistics of the global batch")
 
     def validate(self) -> "ClassifyConfig":
-        if self.strategy not in (*STRATEGIES, AUTO):
-            raise UserError(f"--strategy: unknown strategy {self.strategy!r}; choose one of {', '.join((*STRATEGIES, AUTO))}")
-        if self.recipe not in RECIPES:
-            raise UserError(f"--recipe: unknown recipe {self.recipe!r}; choose one of {', '.join(RECIPES)}")
-        if self.head not in HEADS:
-            raise UserError(f"--head: unknown head {self.head!r}; choose one of {', '.join(HEADS)}")
+        _check_choice("--strategy", self.strategy, (*STRATEGIES, AUTO))
+        _check_choice("--recipe", self.recipe, RECIPES)
+        _check_choice("--head", self.head, HEADS)
         _check_range("--epochs", self.epochs, 1, 10_000)
         _check_range("--batch-size", self.batch_size, 1, 4096)
         _check_range("--lr", self.lr, 1e-8, 10.0)
@@ -78,7 +75,7 @@ class ClassifyConfig:
             raise UserError(f"--wise-alpha: must be in (0, 1], got {self.wise_alpha}")
         _check_range("--views", self.views, 1, 100)
         _check_range("--workers", self.workers, 0, 64)
-        _check_precision(self.precision)
+        _check_choice("--precision", self.precision, ("auto", "bf16", "fp32"))
         _check_range("--trainable-stages", self.trainable_stages, 0, 1000)
         _check_range("--checkpoint-every", self.checkpoint_every, 0, 10**9)
         if self.val_split is not None and not 0.0 < self.val_split < 1.0:
@@ -129,10 +126,8 @@ class DetectConfig:
     sync_bn: bool = setting(False, "under torchrun on CUDA: trainable BatchNorm layers use statistics of the global batch")
 
     def validate(self) -> "DetectConfig":
-        if self.format not in ("pennfudan", "coco"):
-            raise UserError(f"--format: unknown format {self.format!r}; choose pennfudan or coco")
-        if self.neck not in ("fpn", "none"):
-            raise UserError(f"--neck: unknown neck {self.neck!r}; choose fpn or none")
+        _check_choice("--format", self.format, ("pennfudan", "coco"))
+        _check_choice("--neck", self.neck, ("fpn", "none"))
         _check_range("--epochs", self.epochs, 1, 10_000)
         _check_range("--batch-size", self.batch_size, 1, 256)
         _check_range("--lr", self.lr, 1e-8, 10.0)
@@ -140,7 +135,7 @@ class DetectConfig:
         _check_range("--max-size", self.max_size, 32, 8192)
         _check_range("--val-last", self.val_last, 1, 10**7)
         _check_range("--rois-per-image", self.rois_per_image, 1, 4096)
-        _check_precision(self.precision)
+        _check_choice("--precision", self.precision, ("auto", "bf16", "fp32"))
         if self.max_size < self.min_size:
             raise UserError(f"--max-size ({self.max_size}) must be at least --min-size ({self.min_size})")
         if self.val_split is not None and not 0.0 < self.val_split < 1.0:
@@ -148,9 +143,10 @@ class DetectConfig:
         return self
 
 
-def _check_precision(value: str) -> None:
-    if value not in ("auto", "bf16", "fp32"):
-        raise UserError(f"--precision: unknown precision {value!r}; choose auto, bf16 or fp32")
+def _check_choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        what = flag.lstrip("-").replace("-", " ")
+        raise UserError(f"{flag}: unknown {what} {value!r}; choose {', '.join(choices[:-1])} or {choices[-1]}")
 
 
 def _check_range(name: str, value: Any, low: float, high: float) -> None:

@@ -13,7 +13,7 @@ from ..data.transforms import classification_eval
 from ..errors import UserError
 from ..meta import ClassifierMeta
 from ..metrics.classification import classification_metrics, predict_logits
-from .load import load_classifier, load_classifier_for_predict
+from .load import load_classifier, load_for_predict
 
 
 def eval_transform(meta: ClassifierMeta):
@@ -42,7 +42,7 @@ def evaluate(run_or_file: str | Path, data: str | Path, skip_bad: bool = False, 
 def predict(run_or_file: str | Path, inputs: list[str | Path], topk: int = 3, batch_size: int = 32, device: str = "auto") -> list[dict]:
     """Top-k labels with probabilities for each image: [{"path", "predictions": [{"label", "probability"}]}].
     ``run_or_file``: a run directory, its model file, or an exported .onnx file (run by ONNX Runtime)."""
-    model, on, meta = load_classifier_for_predict(run_or_file, device)
+    model, on, meta = load_for_predict(run_or_file, device, "classification")
     tf = eval_transform(meta)
     paths = expand_inputs(inputs)
     k = min(topk, len(meta.classes))

@@ -122,21 +122,12 @@ class OnnxDetector:
         return results
 
 
-def load_classifier_for_predict(run_or_file: str | Path, device: str):
-    """(a callable batch -> logits, its device, the metadata): a run's PyTorch model, or an ONNX file on the CPU."""
+def load_for_predict(run_or_file: str | Path, device: str, task: str):
+    """(the model, its device, the metadata) for predict: a run's PyTorch model, or an exported .onnx file on the CPU.
+    ``task``: "classification" or "detection"."""
     if str(run_or_file).endswith(".onnx"):
         onnx_on_cpu(device)
-        model = OnnxClassifier(run_or_file)
+        model = (OnnxClassifier if task == "classification" else OnnxDetector)(run_or_file)
         return model, torch.device("cpu"), model.meta
-    model, meta = load_classifier(run_or_file, device)
-    return model, next(model.parameters()).device, meta
-
-
-def load_detector_for_predict(run_or_file: str | Path, device: str):
-    """(the detector, its device, the metadata): a run's PyTorch model, or an ONNX file on the CPU."""
-    if str(run_or_file).endswith(".onnx"):
-        onnx_on_cpu(device)
-        model = OnnxDetector(run_or_file)
-        return model, torch.device("cpu"), model.meta
-    model, meta = load_detector(run_or_file, device)
+    model, meta = (load_classifier if task == "classification" else load_detector)(run_or_file, device)
     return model, next(model.parameters()).device, meta
