@@ -109,7 +109,7 @@ def test_detection_report_from_run_files(tmp_path):
     run = tmp_path / "det"
     run.mkdir()
     (run / "config.yaml").write_text("model: maskrcnn\nepochs: 2\n")
-    # what engine/detection.py writes: flat COCO numbers and per-class AP in metrics.json, predictions.png
+    # what tasks/detect.py writes: flat COCO numbers and per-class AP in metrics.json, predictions.png
     (run / "metrics.json").write_text(json.dumps({
         "task": "detection", "bbox_AP": 0.612, "bbox_AP50": 0.923, "segm_AP": 0.571, "segm_AP50": 0.884, "train_seconds": 12.5,
         "per_class": {"person": {"bbox_AP": 0.612, "bbox_AP50": 0.923, "segm_AP": 0.571, "segm_AP50": None}}}))
