@@ -1,6 +1,8 @@
 """Backbone registry: every model builds, every parameter learns, stages cover the base, weights resolve in order."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torchvision
@@ -87,3 +89,22 @@ def test_weights_file_for_another_architecture_is_refused(tmp_path):
     torch.save(torchvision.models.mobilenet_v2(weights=None).state_dict(), path)
     with pytest.raises(UserError, match="do not match"):
         B.build_backbone("resnet18", weights=str(path))
+
+
+def test_a_backbone_name_is_registered_once():
+    with pytest.raises(ValueError, match="efficientnet_lite0.*already registered"):
+        B.register("efficientnet_lite0", "a second builder under a taken name")(lambda weights: None)
+
+
+def test_offline_hub_setting_is_set_inside_and_restored_after(monkeypatch):
+    from visiontune.models.weights import hub_offline_if
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("UNRELATED", "kept")
+    with hub_offline_if(True):
+        assert os.environ["HF_HUB_OFFLINE"] == "1"
+    assert "HF_HUB_OFFLINE" not in os.environ and os.environ["UNRELATED"] == "kept"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    with hub_offline_if(True):
+        assert os.environ["HF_HUB_OFFLINE"] == "1"
+    assert os.environ["HF_HUB_OFFLINE"] == "0"

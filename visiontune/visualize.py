@@ -60,22 +60,6 @@ def confusion_matrix_png(path: Path, confusion: list[list[int]], classes: list[s
     plt.close(fig)
 
 
-def curves_png(path: Path, history: list[dict], keys: tuple[str, ...] = ("train_loss", "val_loss", "val_accuracy")) -> None:
-    """Per-epoch curves from a run's log."""
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    epochs = [h["epoch"] for h in history]
-    for k in keys:
-        ys = [h.get(k) for h in history]
-        if any(y is not None for y in ys):
-            ax.plot(epochs, [float("nan") if y is None else y for y in ys], marker="o", label=k)
-    ax.set_xlabel("epoch")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-
-
 # --------------------------------------------------------------------------------------------- detection
 
 PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45", "#469990", "#9a6324"]

@@ -59,7 +59,11 @@ _REGISTRY: dict[str, _Spec] = {}
 
 
 def register(name: str, description: str):
+    """A decorator that adds a backbone builder under ``name``; a name is registered once."""
+
     def deco(fn: Callable[[str | None], Backbone]):
+        if name in _REGISTRY:
+            raise ValueError(f"backbone {name!r} is already registered")
         _REGISTRY[name] = _Spec(fn, description)
         return fn
 
@@ -212,24 +216,17 @@ def _build_timm(name: str, weights: str | None) -> Backbone:
 
 def _timm_pretrained(model: nn.Module, name: str) -> str:
     """timm weights from the Hugging Face cache (or a download when online)."""
-    import os
-
     import timm
 
-    env = dict(os.environ)
     try:
-        if W.offline():
-            os.environ["HF_HUB_OFFLINE"] = "1"
-        full = timm.create_model(name, pretrained=True, num_classes=0)
+        with W.hub_offline_if(W.offline()):
+            full = timm.create_model(name, pretrained=True, num_classes=0)
     except Exception:  # noqa: BLE001 - offline or not cached
         hub_id = model.pretrained_cfg.get("hf_hub_id") or name
         raise UserError(
             f"no pretrained weights for timm:{name} offline: put its model.safetensors in the Hugging Face cache "
             f"(~/.cache/huggingface/hub, repo {hub_id}) or pass --weights PATH (--weights none for random init)"
         ) from None
-    finally:
-        os.environ.clear()
-        os.environ.update(env)
     model.load_state_dict(full.state_dict())
     return f"timm:{model.pretrained_cfg.get('hf_hub_id', name)}"
 
@@ -245,15 +242,3 @@ def _generic_stages(m: nn.Module) -> list[tuple[str, tuple[str, ...]]]:
         else:
             stages.append((name, (name,)))
     return stages
-
-
-def stage_names(backbone: Backbone) -> list[str]:
-    return [s for s, _ in backbone.stages]
-
-
-def describe() -> dict[str, str]:
-    return {name: spec.description for name, spec in sorted(_REGISTRY.items())}
-
-
-def to_channels_last(module: nn.Module) -> nn.Module:
-    return module.to(memory_format=torch.channels_last)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import os
 import pickle
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -58,6 +59,21 @@ def unwrap_state_dict(obj: object, source: str | Path) -> StateDict:
 def offline() -> bool:
     """True when the user asked us not to touch the network."""
     return os.environ.get("VISIONTUNE_OFFLINE", "") not in ("", "0") or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+
+
+@contextmanager
+def hub_offline_if(condition: bool):
+    """Inside: HF_HUB_OFFLINE=1 when ``condition`` (the Hugging Face hub then reads its cache only); after: as before."""
+    before = os.environ.get("HF_HUB_OFFLINE")
+    if condition:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = before
 
 
 def hub_checkpoint_dir() -> Path:
