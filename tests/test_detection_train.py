@@ -122,3 +122,15 @@ def test_precision_sets_the_training_forward_and_evaluation_stays_fp32(tmp_path,
     fit(DetectConfig(data=str(data), out=str(tmp_path / "run"), epochs=1, val_last=1, precision=precision, **TINY))
     assert {d for training, d in seen if training} == {dtype}
     assert {d for training, d in seen if not training} == {torch.float32}
+
+
+def test_a_boxes_only_model_reports_no_segm_metrics_on_data_with_masks(tmp_path):
+    """pycocotools would score Faster R-CNN's boxes as box-shaped masks: a model without masks has no segm AP."""
+    data = make_pennfudan(tmp_path / "pf", n=4)
+    m = fit(DetectConfig(data=str(data), out=str(tmp_path / "run"), model="fasterrcnn", epochs=1, val_last=2, **TINY))
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert m["task"] == "detection" and "bbox_AP" in m and "bbox_AP" in log[0]
+    assert not [k for k in (*m, *log[0], *m["per_class"]["object"]) if k.startswith("segm")]
+    _, meta = load_model_file(tmp_path / "run" / "model.safetensors")
+    assert meta["masks"] is False
+    assert not [k for k in evaluate_run(tmp_path / "run", str(data)) if k.startswith("segm")]
