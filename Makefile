@@ -7,7 +7,7 @@ DEMO_OUT ?= demo-run
 SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -c
 
-.PHONY: install browser demo test bench-quick clean
+.PHONY: install browser demo lint test bench-quick clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,7 +25,11 @@ browser:
 	@test -x /usr/bin/chromium || [ "$$(id -u)" = 0 ] || echo "note: not root, cannot apt-get install chromium; the report's browser test will be skipped"
 	test -x /usr/bin/chromium || [ "$$(id -u)" != 0 ] || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium chromium-driver; }
 
-test: install browser
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: install browser lint
 	$(BIN)/python -m pytest -q -ra --durations=10
 
 bench-quick: install

@@ -15,6 +15,7 @@ feature extractor for linear); visiontune's count conservatively includes its re
 
     python bench/classify.py --data ../shared/datasets/hymenoptera_data [--quick] [--repeats N]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,6 +57,7 @@ def seed_all(seed: int) -> None:
 
 # --------------------------------------------------------------------------------------------- the tutorial, plainly
 
+
 def tutorial(data: str, fixed: bool, epochs: int, seed: int) -> dict:
     import torch
     from torch import nn, optim
@@ -68,14 +70,15 @@ def tutorial(data: str, fixed: bool, epochs: int, seed: int) -> dict:
     t0 = time.perf_counter()
     mean, std = [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]  # EfficientNet-Lite's own normalization
     data_transforms = {
-        "train": transforms.Compose([transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(),
-                                     transforms.ToTensor(), transforms.Normalize(mean, std)]),
-        "val": transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
-                                   transforms.Normalize(mean, std)]),
+        "train": transforms.Compose(
+            [transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(), transforms.ToTensor(), transforms.Normalize(mean, std)]
+        ),
+        "val": transforms.Compose(
+            [transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(), transforms.Normalize(mean, std)]
+        ),
     }
     image_datasets = {x: datasets.ImageFolder(os.path.join(data, x), data_transforms[x]) for x in ["train", "val"]}
-    dataloaders = {x: torch.utils.data.DataLoader(image_datasets[x], batch_size=4, shuffle=True, num_workers=4)
-                   for x in ["train", "val"]}
+    dataloaders = {x: torch.utils.data.DataLoader(image_datasets[x], batch_size=4, shuffle=True, num_workers=4) for x in ["train", "val"]}
     dataset_sizes = {x: len(image_datasets[x]) for x in ["train", "val"]}
 
     backbone = build_backbone("efficientnet_lite0")
@@ -90,7 +93,7 @@ def tutorial(data: str, fixed: bool, epochs: int, seed: int) -> dict:
     best_acc, history, train_seconds, seen = 0.0, [], 0.0, 0
     with tempfile.TemporaryDirectory() as tmp:
         best_path = os.path.join(tmp, "best_model_params.pt")
-        for epoch in range(epochs):
+        for _epoch in range(epochs):
             for phase in ["train", "val"]:
                 t_phase = time.perf_counter()
                 model.train() if phase == "train" else model.eval()
@@ -115,15 +118,31 @@ def tutorial(data: str, fixed: bool, epochs: int, seed: int) -> dict:
                     if epoch_acc > best_acc:
                         best_acc = epoch_acc
                         torch.save(model.state_dict(), best_path)
-    return {"wall_seconds": round(time.perf_counter() - t0, 2), "best_val_accuracy": best_acc, "history": history,
-            "train_images_per_second": round(seen / train_seconds, 2), "epochs": epochs}
+    return {
+        "wall_seconds": round(time.perf_counter() - t0, 2),
+        "best_val_accuracy": best_acc,
+        "history": history,
+        "train_images_per_second": round(seen / train_seconds, 2),
+        "epochs": epochs,
+    }
 
 
 # --------------------------------------------------------------------------------------------- fastai
 
+
 def fastai_run(data: str, epochs: int, seed: int) -> dict:
-    from fastai.vision.all import (Callback, ImageDataLoaders, Normalize, Recorder, Resize, accuracy, aug_transforms,
-                                   find_bs, set_seed, vision_learner)
+    from fastai.vision.all import (
+        Callback,
+        ImageDataLoaders,
+        Normalize,
+        Recorder,
+        Resize,
+        accuracy,
+        aug_transforms,
+        find_bs,
+        set_seed,
+        vision_learner,
+    )
 
     from visiontune.models.backbones import build_backbone
 
@@ -153,18 +172,31 @@ def fastai_run(data: str, epochs: int, seed: int) -> dict:
             values = dict(zip(self.recorder.metric_names, self.recorder.log))
             self.history.append([round(time.perf_counter() - t0, 2), float(values["accuracy"])])
 
-    dls = ImageDataLoaders.from_folder(data, train="train", valid="val", item_tfms=Resize(224), bs=16, seed=seed,
-                                       batch_tfms=[*aug_transforms(), Normalize.from_stats([0.5] * 3, [0.5] * 3)])
+    dls = ImageDataLoaders.from_folder(
+        data,
+        train="train",
+        valid="val",
+        item_tfms=Resize(224),
+        bs=16,
+        seed=seed,
+        batch_tfms=[*aug_transforms(), Normalize.from_stats([0.5] * 3, [0.5] * 3)],
+    )
     timeline = Timeline()
     learn = vision_learner(dls, efficientnet_lite0, metrics=accuracy, cbs=[timeline])
     with learn.no_bar(), learn.no_logging():
         learn.fine_tune(epochs)
-    return {"wall_seconds": round(time.perf_counter() - t0, 2), "best_val_accuracy": max(a for _, a in timeline.history),
-            "history": timeline.history, "train_images_per_second": round(timeline.seen / timeline.train_seconds, 2),
-            "epochs": epochs + 1, "train_images": len(dls.train_ds)}
+    return {
+        "wall_seconds": round(time.perf_counter() - t0, 2),
+        "best_val_accuracy": max(a for _, a in timeline.history),
+        "history": timeline.history,
+        "train_images_per_second": round(timeline.seen / timeline.train_seconds, 2),
+        "epochs": epochs + 1,
+        "train_images": len(dls.train_ds),
+    }
 
 
 # --------------------------------------------------------------------------------------------- visiontune
+
 
 def visiontune_run(data: str, strategy: str, seed: int, cache_dir: str, out: str) -> dict:
     from visiontune.config import ClassifyConfig
@@ -176,9 +208,13 @@ def visiontune_run(data: str, strategy: str, seed: int, cache_dir: str, out: str
     log = [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
     setup = wall - m["train_seconds"]  # decoding, model build, and (conservatively) the report at the end
     rates = [e["train_images_per_second"] for e in log if e.get("train_images_per_second")]
-    return {"wall_seconds": round(wall, 2), "best_val_accuracy": m["best_val_accuracy"], "epochs": m["epochs"],
-            "history": [[round(setup + e["elapsed_seconds"], 2), e["val_accuracy"]] for e in log],
-            "train_images_per_second": round(statistics.median(rates), 2) if rates else None}
+    return {
+        "wall_seconds": round(wall, 2),
+        "best_val_accuracy": m["best_val_accuracy"],
+        "epochs": m["epochs"],
+        "history": [[round(setup + e["elapsed_seconds"], 2), e["val_accuracy"]] for e in log],
+        "train_images_per_second": round(statistics.median(rates), 2) if rates else None,
+    }
 
 
 def visiontune_runner(data: str, strategy: str, seed: int) -> dict:
@@ -206,15 +242,16 @@ def predict_speed(run: str, images: Path) -> dict:
 
 # --------------------------------------------------------------------------------------------- the compute limit
 
+
 def compute_limit(steps: int) -> dict:
     """Images/s of forward+backward+step on pre-made tensors: the full recipe's batch, channels_last, its precision;
     timed like visiontune's epochs (all the steps' wall time, after two warm-up steps), not by the fastest steps."""
     import torch
 
     from visiontune.engine.runtime import use_bf16
-    from visiontune.strategies import STRATEGIES
     from visiontune.models.backbones import build_backbone
     from visiontune.models.classifier import Classifier
+    from visiontune.strategies import STRATEGIES
 
     seed_all(0)
     bs = STRATEGIES["full"].recipe.batch_size
@@ -240,6 +277,7 @@ def compute_limit(steps: int) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- driver
+
 
 def quick_subset(data: Path, dst: Path, per_class: dict[str, int]) -> Path:
     """Every k-th image of each class (symlinks), the same for every runner."""
@@ -276,8 +314,11 @@ def spawn(kind: str, data: str, seed: int, epochs: int = 0, steps: int = 0) -> d
         return {"error": (p.stderr.strip().splitlines() or ["?"])[-1][:300], "returncode": p.returncode}
     res = json.loads(p.stdout.strip().splitlines()[-1])
     res["process_seconds"] = round(time.perf_counter() - t, 2)  # with imports, for the record
-    print(f"[bench] {kind} seed {seed}: {res.get('wall_seconds', '-')} s, best {res.get('best_val_accuracy', res.get('images_per_second'))}",
-          file=sys.stderr, flush=True)
+    print(
+        f"[bench] {kind} seed {seed}: {res.get('wall_seconds', '-')} s, best {res.get('best_val_accuracy', res.get('images_per_second'))}",
+        file=sys.stderr,
+        flush=True,
+    )
     return res
 
 
@@ -291,11 +332,20 @@ def summarize(runs: list[dict], target: float | None) -> dict:
         return {"runs": runs}
     for r in ok:
         r["seconds_to_target"] = first_reach(r["history"], target) if target is not None else None
-    mean = lambda key: round(statistics.mean(r[key] for r in ok), 4) if all(r.get(key) is not None for r in ok) else None
-    return {"wall_seconds": mean("wall_seconds"), "best_val_accuracy": mean("best_val_accuracy"),
-            "best_val_accuracy_each": [r["best_val_accuracy"] for r in ok], "seconds_to_target": mean("seconds_to_target"),
-            "train_images_per_second": mean("train_images_per_second"), "peak_rss_mb": max(r["peak_rss_mb"] for r in ok),
-            "target_accuracy": target, "runs": runs}
+
+    def mean(key):
+        return round(statistics.mean(r[key] for r in ok), 4) if all(r.get(key) is not None for r in ok) else None
+
+    return {
+        "wall_seconds": mean("wall_seconds"),
+        "best_val_accuracy": mean("best_val_accuracy"),
+        "best_val_accuracy_each": [r["best_val_accuracy"] for r in ok],
+        "seconds_to_target": mean("seconds_to_target"),
+        "train_images_per_second": mean("train_images_per_second"),
+        "peak_rss_mb": max(r["peak_rss_mb"] for r in ok),
+        "target_accuracy": target,
+        "runs": runs,
+    }
 
 
 def ratio(a, b):
@@ -352,22 +402,34 @@ def main() -> None:
             ref = "tutorial_fixed" if s == "linear" else "tutorial_finetune"
             for base in (ref, "fastai"):
                 b = results.get(base, {})
-                ratios[f"{s}/{base}"] = {"wall_seconds": ratio(v.get("wall_seconds"), b.get("wall_seconds")),
-                                         "seconds_to_tutorial_best": ratio(v.get("seconds_to_target"), b.get("seconds_to_target")),
-                                         "train_images_per_second": ratio(v.get("train_images_per_second"), b.get("train_images_per_second"))}
+                ratios[f"{s}/{base}"] = {
+                    "wall_seconds": ratio(v.get("wall_seconds"), b.get("wall_seconds")),
+                    "seconds_to_tutorial_best": ratio(v.get("seconds_to_target"), b.get("seconds_to_target")),
+                    "train_images_per_second": ratio(v.get("train_images_per_second"), b.get("train_images_per_second")),
+                }
             limit = results["compute_limit"].get("images_per_second")
             if s != "linear":
                 ratios[f"{s}/compute_limit"] = {"train_images_per_second": ratio(v.get("train_images_per_second"), limit)}
         import torch
 
         report = {
-            "benchmark": "classify", "data": str(args.data), "quick": args.quick, "repeats": args.repeats,
-            "baseline_repeats": args.baseline_repeats, "machine": {
-                "cpus": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-                "load_average_start": load_start, "load_average_end": load_average(),
-                "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()},
+            "benchmark": "classify",
+            "data": str(args.data),
+            "quick": args.quick,
+            "repeats": args.repeats,
+            "baseline_repeats": args.baseline_repeats,
+            "machine": {
+                "cpus": os.cpu_count(),
+                "torch": torch.__version__,
+                "torch_threads": torch.get_num_threads(),
+                "load_average_start": load_start,
+                "load_average_end": load_average(),
+                "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
+            },
             "targets": {"tutorial_finetune_best": ft_target, "tutorial_fixed_best": fixed_target},
-            "results": results, "ratios": ratios, "bench_seconds": round(time.perf_counter() - started, 1),
+            "results": results,
+            "ratios": ratios,
+            "bench_seconds": round(time.perf_counter() - started, 1),
         }
         print(json.dumps(report, indent=1))
     finally:

@@ -14,6 +14,7 @@
 
 At 3 epochs AP moves by up to 0.08 from one seed to the next (either loop): compare means over several seeds.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,18 +27,18 @@ import time
 from pathlib import Path
 
 import torch
+from torchvision import tv_tensors
 from torchvision.io import read_image
 from torchvision.ops import masks_to_boxes
 from torchvision.transforms import v2
-from torchvision import tv_tensors
 
 from visiontune.config import DetectConfig
 from visiontune.data.formats import load_splits
 from visiontune.engine.runtime import use_bf16
 from visiontune.inference.detect import predict_run
 from visiontune.metrics.coco import evaluate_model
-from visiontune.tasks.detect import fit
 from visiontune.models.detection import build_detector
+from visiontune.tasks.detect import fit
 
 REPO = Path(__file__).resolve().parents[1]
 AP_KEYS = ("bbox_AP", "bbox_AP50", "bbox_AP75", "segm_AP", "segm_AP50", "segm_AP75")
@@ -48,6 +49,7 @@ def load_average() -> list[float]:
 
 
 # --------------------------------------------------------------------------------------------- the tutorial, plainly
+
 
 class PennFudanDataset(torch.utils.data.Dataset):
     """The detection tutorial's dataset: reads the PNGs at every access."""
@@ -63,8 +65,12 @@ class PennFudanDataset(torch.utils.data.Dataset):
         masks = (mask == obj_ids[:, None, None]).to(dtype=torch.uint8)
         boxes = masks_to_boxes(masks)
         img = tv_tensors.Image(img)
-        target = {"boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=img.shape[-2:]),
-                  "masks": tv_tensors.Mask(masks), "labels": torch.ones((len(obj_ids),), dtype=torch.int64), "image_id": idx}
+        target = {
+            "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=img.shape[-2:]),
+            "masks": tv_tensors.Mask(masks),
+            "labels": torch.ones((len(obj_ids),), dtype=torch.int64),
+            "image_id": idx,
+        }
         return self.transforms(img, target)
 
     def __len__(self):
@@ -102,8 +108,9 @@ def tutorial_baseline(root: Path, names: list[str], cfg: DetectConfig) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=5e-4)
     lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=0.1)
-    loader = torch.utils.data.DataLoader(PennFudanDataset(root, names), batch_size=2, shuffle=True, num_workers=0,
-                                         collate_fn=lambda b: tuple(zip(*b)))
+    loader = torch.utils.data.DataLoader(
+        PennFudanDataset(root, names), batch_size=2, shuffle=True, num_workers=0, collate_fn=lambda b: tuple(zip(*b))
+    )
     seconds, losses = [], []
     for epoch in range(cfg.epochs):
         secs, mean_losses = tutorial_train_one_epoch(model, optimizer, loader, cfg.clip_grad, warmup=epoch == 0)
@@ -116,6 +123,7 @@ def tutorial_baseline(root: Path, names: list[str], cfg: DetectConfig) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- main
+
 
 def subset(src: Path, n: int, dst: Path) -> Path:
     names = sorted(p.stem for p in (src / "PNGImages").glob("*.png"))[:n]
@@ -144,25 +152,64 @@ def main() -> None:
     if args.quick:
         data = subset(data, 16, work / "data")
         args.val_last, args.epochs, args.min_size, args.max_size = 4, 1, 160, 224
-    result = {"benchmark": "detect", "data": str(data), "quick": args.quick, "torch_threads": torch.get_num_threads(),
-              "load_average_before": load_average()}
+    result = {
+        "benchmark": "detect",
+        "data": str(data),
+        "quick": args.quick,
+        "torch_threads": torch.get_num_threads(),
+        "load_average_before": load_average(),
+    }
 
-    cfg = DetectConfig(data=str(data), out=str(work / "run"), val_last=args.val_last, epochs=args.epochs, min_size=args.min_size,
-                       max_size=args.max_size, lr_step=args.lr_step, precision=args.precision, seed=args.seed, quiet=True)
+    cfg = DetectConfig(
+        data=str(data),
+        out=str(work / "run"),
+        val_last=args.val_last,
+        epochs=args.epochs,
+        min_size=args.min_size,
+        max_size=args.max_size,
+        lr_step=args.lr_step,
+        precision=args.precision,
+        seed=args.seed,
+        quiet=True,
+    )
     start = time.perf_counter()
     metrics = fit(cfg)
     result["visiontune_wall_seconds"] = round(time.perf_counter() - start, 1)
     log = [json.loads(line) for line in (work / "run" / "log.jsonl").read_text().splitlines()]
-    result["per_epoch"] = [{k: round(e[k], 4) if isinstance(e[k], float) else e[k] for k in
-                            ("epoch", "train_loss", "loss_mask", "bbox_AP", "bbox_AP50", "bbox_AP75", "segm_AP", "segm_AP50", "segm_AP75",
-                             "train_seconds", "elapsed_seconds")}
-                           for e in log]
+    result["per_epoch"] = [
+        {
+            k: round(e[k], 4) if isinstance(e[k], float) else e[k]
+            for k in (
+                "epoch",
+                "train_loss",
+                "loss_mask",
+                "bbox_AP",
+                "bbox_AP50",
+                "bbox_AP75",
+                "segm_AP",
+                "segm_AP50",
+                "segm_AP75",
+                "train_seconds",
+                "elapsed_seconds",
+            )
+        }
+        for e in log
+    ]
     result["final"] = {k: round(metrics[k], 4) for k in AP_KEYS}
-    result["settings"] = {"model": "maskrcnn + FPN over efficientnet_lite0 (embedded ImageNet weights)", "min_size": cfg.min_size,
-                          "max_size": cfg.max_size, "epochs": cfg.epochs, "lr_step": cfg.lr_step, "batch_size": cfg.batch_size, "lr": cfg.lr,
-                          "clip_grad": cfg.clip_grad, "val_last": cfg.val_last,
-                          "rois_per_image": cfg.rois_per_image, "precision": "bf16" if use_bf16(cfg.precision, torch.device("cpu")) else "fp32",
-                          "tutorial_loop_rois_per_image": 512}
+    result["settings"] = {
+        "model": "maskrcnn + FPN over efficientnet_lite0 (embedded ImageNet weights)",
+        "min_size": cfg.min_size,
+        "max_size": cfg.max_size,
+        "epochs": cfg.epochs,
+        "lr_step": cfg.lr_step,
+        "batch_size": cfg.batch_size,
+        "lr": cfg.lr,
+        "clip_grad": cfg.clip_grad,
+        "val_last": cfg.val_last,
+        "rois_per_image": cfg.rois_per_image,
+        "precision": "bf16" if use_bf16(cfg.precision, torch.device("cpu")) else "fp32",
+        "tutorial_loop_rois_per_image": 512,
+    }
 
     names = sorted(p.stem for p in (data / "PNGImages").glob("*.png"))[: -args.val_last]
     ours = [e["train_seconds"] for e in log]
@@ -175,7 +222,9 @@ def main() -> None:
         # the same training length on both sides: visiontune's last epoch (its "final" is its best epoch's model)
         result["AP_difference_visiontune_minus_tutorial"] = {k: round(log[-1][k] - baseline["final"][k], 4) for k in AP_KEYS}
 
-    val_images = [str(data / "PNGImages" / f"{n}.png") for n in sorted(p.stem for p in (data / "PNGImages").glob("*.png"))[-args.val_last:]]
+    val_images = [
+        str(data / "PNGImages" / f"{n}.png") for n in sorted(p.stem for p in (data / "PNGImages").glob("*.png"))[-args.val_last :]
+    ]
     pred = predict_run(work / "run", val_images, score_threshold=0.5, output=str(work / "predict"), quiet=True)
     result["predict_images_per_second"] = pred["images_per_second"]
     result["predict_images"] = pred["images"]

@@ -1,4 +1,5 @@
 """Shared fixtures: tiny synthetic image folders, and the shared datasets (required under CI=true)."""
+
 from __future__ import annotations
 
 import os

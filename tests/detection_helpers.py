@@ -1,4 +1,5 @@
 """Tiny synthetic instance sets: 64x64 images with bright rectangles as objects, in Penn-Fudan or COCO layout."""
+
 from __future__ import annotations
 
 import json
@@ -48,8 +49,14 @@ def make_coco(root: Path, n: int = 6, masks: str = "polygon", category_ids=(7, 3
         Image.fromarray(_image(i, rects)).save(root / "images" / f"im{i}.png")
         images.append({"id": 100 + i, "file_name": f"im{i}.png", "width": 64, "height": 64})
         for k, (x1, y1, x2, y2) in enumerate(rects):
-            ann = {"id": len(anns) + 1, "image_id": 100 + i, "category_id": category_ids[k], "bbox": [x1, y1, x2 - x1, y2 - y1],
-                   "iscrowd": 0, "area": (x2 - x1) * (y2 - y1)}
+            ann = {
+                "id": len(anns) + 1,
+                "image_id": 100 + i,
+                "category_id": category_ids[k],
+                "bbox": [x1, y1, x2 - x1, y2 - y1],
+                "iscrowd": 0,
+                "area": (x2 - x1) * (y2 - y1),
+            }
             if masks == "polygon":
                 ann["segmentation"] = [[x1, y1, x2, y1, x2, y2, x1, y2]]
             elif masks == "rle":

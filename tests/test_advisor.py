@@ -1,29 +1,31 @@
 """--strategy auto: the rules of thumb, the measurements behind them, and their record in the run."""
+
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import yaml
+from conftest import make_class_folders, make_image, stable_seed
 
 from visiontune.advisor import SMALL_PER_CLASS, choose_strategy, decide
 from visiontune.cli import main
 from visiontune.config import ClassifyConfig
 
-from conftest import make_class_folders, make_image, stable_seed
 
-
-@pytest.mark.parametrize("per_class, score, seconds, expected", [
-    (50, None, None, "full"),  # no pretrained weights: nothing to transfer
-    (50, 0.95, 100, "linear"),  # very similar
-    (5000, 0.95, 100, "linear"),  # very similar, even when large
-    (50, 0.7, 100, "linear"),  # small and similar
-    (50, 0.2, 100, "partial"),  # small and dissimilar: few trainable stages
-    (5000, 0.7, 100, "partial"),  # large and similar
-    (5000, 0.2, 100, "full"),  # large and dissimilar
-    (5000, 0.2, 10 * 3600, "linear"),  # large but low compute
-])
+@pytest.mark.parametrize(
+    "per_class, score, seconds, expected",
+    [
+        (50, None, None, "full"),  # no pretrained weights: nothing to transfer
+        (50, 0.95, 100, "linear"),  # very similar
+        (5000, 0.95, 100, "linear"),  # very similar, even when large
+        (50, 0.7, 100, "linear"),  # small and similar
+        (50, 0.2, 100, "partial"),  # small and dissimilar: few trainable stages
+        (5000, 0.7, 100, "partial"),  # large and similar
+        (5000, 0.2, 100, "full"),  # large and dissimilar
+        (5000, 0.2, 10 * 3600, "linear"),  # large but low compute
+    ],
+)
 def test_rules_of_thumb(per_class, score, seconds, expected):
     advice = decide(per_class, score, seconds, num_stages=9)
     assert advice.strategy == expected
@@ -47,7 +49,10 @@ def test_classes_the_features_cannot_tell_apart_get_partial(tmp_path):
 def test_auto_is_recorded_in_the_run(tmp_path, capsys):
     data = make_class_folders(tmp_path / "data", per_class=5)
     out = tmp_path / "run"
-    assert main(["classify", "train", "--data", str(data), "--out", str(out), "--image-size", "64", "--strategy", "auto", "--epochs", "2"]) == 0
+    assert (
+        main(["classify", "train", "--data", str(data), "--out", str(out), "--image-size", "64", "--strategy", "auto", "--epochs", "2"])
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "advisor: train_images 10" in printed and "probe_accuracy" in printed and "advisor: strategy linear:" in printed
     metrics = json.loads((out / "metrics.json").read_text())

@@ -1,5 +1,6 @@
 """The package's shape, checked: imports go one way (no cycles, nothing imports a layer above it), and no module or
 function outgrows what a reader takes in at once. Python's own ``ast``, nothing to install."""
+
 from __future__ import annotations
 
 import ast
@@ -73,8 +74,9 @@ def test_every_module_has_a_layer():
 
 
 def test_no_import_goes_up_or_across():
-    wrong = [f"{a} imports {b}" for a, targets in graph().items() for b in targets
-             if a.split(".")[0] != b.split(".")[0] and layer(b) >= layer(a)]
+    wrong = [
+        f"{a} imports {b}" for a, targets in graph().items() for b in targets if a.split(".")[0] != b.split(".")[0] and layer(b) >= layer(a)
+    ]
     assert not wrong, wrong
 
 
@@ -86,7 +88,7 @@ def test_no_import_cycle():
         path.append(node)
         for nxt in sorted(g[node]):
             if state.get(nxt) == "grey":
-                raise AssertionError("import cycle: " + " -> ".join(path[path.index(nxt):] + [nxt]))
+                raise AssertionError("import cycle: " + " -> ".join(path[path.index(nxt) :] + [nxt]))
             if nxt not in state:
                 visit(nxt)
         path.pop()
@@ -111,8 +113,14 @@ def test_modules_and_functions_stay_short():
 
 def test_the_checker_sees_a_cycle_and_an_upward_import(tmp_path, monkeypatch):
     """The checks above would pass on an empty graph: show they catch what they are for."""
-    for rel, text in {"__init__.py": "", "errors.py": "from .cli import main\n", "cli.py": "from .errors import UserError\n",
-                      "engine/__init__.py": "", "engine/loop.py": "from ..report import write_report\n", "report.py": ""}.items():
+    for rel, text in {
+        "__init__.py": "",
+        "errors.py": "from .cli import main\n",
+        "cli.py": "from .errors import UserError\n",
+        "engine/__init__.py": "",
+        "engine/loop.py": "from ..report import write_report\n",
+        "report.py": "",
+    }.items():
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_text(text)
     monkeypatch.setattr(__import__(__name__), "PACKAGE", tmp_path)

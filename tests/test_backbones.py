@@ -1,4 +1,5 @@
 """Backbone registry: every model builds, every parameter learns, stages cover the base, weights resolve in order."""
+
 from __future__ import annotations
 
 import os
@@ -13,8 +14,18 @@ from visiontune.models import backbones as B
 from visiontune.models.classifier import Classifier
 
 ALL = B.available()
-TORCHVISION_FAMILIES = ["resnet18", "resnet34", "resnet50", "vgg16", "vgg16_bn", "googlenet", "mobilenet_v2",
-                        "mobilenet_v3_large", "efficientnet_b0", "convnext_tiny"]
+TORCHVISION_FAMILIES = [
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "vgg16",
+    "vgg16_bn",
+    "googlenet",
+    "mobilenet_v2",
+    "mobilenet_v3_large",
+    "efficientnet_b0",
+    "convnext_tiny",
+]
 
 
 def test_registry_has_the_tutorial_families():

@@ -5,6 +5,7 @@ inputs are known good).
 Each case builds its own broken input in a fresh folder and runs the CLI in this process (warnings and log
 warnings count as stderr lines, as they would be in a terminal); a few run as real subprocesses too.
 """
+
 from __future__ import annotations
 
 import logging
@@ -15,17 +16,17 @@ import subprocess
 import sys
 import tempfile
 import warnings
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
+from conftest import make_class_folders, make_image
 from PIL import Image
 from safetensors.torch import save_file
 
-from conftest import make_class_folders, make_image
 from visiontune import checkpoint as ckpt
 from visiontune.cli import main
 
@@ -65,8 +66,18 @@ def model_file(path: Path, classes=("blue", "red")) -> Path:
     torch.manual_seed(0)
     model = Classifier(build_backbone("timm:test_efficientnet", "none"), len(classes))
     path.parent.mkdir(parents=True, exist_ok=True)
-    ckpt.save_model(path, model, {"task": "classification", "model": "timm:test_efficientnet", "classes": list(classes), "head": "linear",
-                                  "bank_size": 1, "preprocessing": {"mean": [0.5] * 3, "std": [0.5] * 3, "input_size": 64, "resize_size": 73}})
+    ckpt.save_model(
+        path,
+        model,
+        {
+            "task": "classification",
+            "model": "timm:test_efficientnet",
+            "classes": list(classes),
+            "head": "linear",
+            "bank_size": 1,
+            "preprocessing": {"mean": [0.5] * 3, "std": [0.5] * 3, "input_size": 64, "resize_size": 73},
+        },
+    )
     return path
 
 
@@ -97,6 +108,7 @@ def unprivileged():
 # Each builds its input under ``t`` (a fresh folder) and returns (argv, text the error line must contain).
 # ``out`` is the earlier run; training cases pass --overwrite to prove it is still not touched.
 
+
 @dataclass(frozen=True)
 class Case:
     """One kind of bad input: ``build(t, out)`` makes it and returns (argv, text the error line must contain)."""
@@ -117,10 +129,12 @@ CASES: list[Case] = []
 
 def case(*, unreadable: tuple[str, ...] = ()):
     """Adds the decorated build function to CASES, named by the function."""
+
     def register(build):
         assert build.__name__ not in {c.id for c in CASES}, build.__name__
         CASES.append(Case(build.__name__, build, unreadable))
         return build
+
     return register
 
 
@@ -418,7 +432,15 @@ def config_malformed_yaml(t, out):
 @case()
 def config_unknown_key(t, out):
     (t / "c.yaml").write_text(f"data: {folders(t)}\nepocs: 3\n")
-    return ["classify", "train", "--config", str(t / "c.yaml"), "--out", str(out), "--overwrite"], "unknown setting 'epocs'; did you mean 'epochs'?"
+    return [
+        "classify",
+        "train",
+        "--config",
+        str(t / "c.yaml"),
+        "--out",
+        str(out),
+        "--overwrite",
+    ], "unknown setting 'epocs'; did you mean 'epochs'?"
 
 
 @case()
@@ -545,10 +567,26 @@ def coco_file_name_escapes_root(t, out):
     root = t / "images"
     make_image(root / "a.png", (1, 2, 3))
     make_image(t / "secret.png", (1, 2, 3))
-    (t / "ann.json").write_text('{"images": [{"id": 1, "file_name": "../secret.png"}], "annotations": [], '
-                                '"categories": [{"id": 1, "name": "thing"}]}')
-    return (["detect", "train", "--format", "coco", "--data", str(root), "--annotations", str(t / "ann.json"), "--out", str(out),
-             "--overwrite", "--quiet"], "escapes the image root")
+    (t / "ann.json").write_text(
+        '{"images": [{"id": 1, "file_name": "../secret.png"}], "annotations": [], "categories": [{"id": 1, "name": "thing"}]}'
+    )
+    return (
+        [
+            "detect",
+            "train",
+            "--format",
+            "coco",
+            "--data",
+            str(root),
+            "--annotations",
+            str(t / "ann.json"),
+            "--out",
+            str(out),
+            "--overwrite",
+            "--quiet",
+        ],
+        "escapes the image root",
+    )
 
 
 @case()
@@ -556,10 +594,26 @@ def coco_absolute_file_name(t, out):
     pytest.importorskip("visiontune.data.coco")
     root = t / "images"
     make_image(root / "a.png", (1, 2, 3))
-    (t / "ann.json").write_text('{"images": [{"id": 1, "file_name": "/etc/hostname"}], "annotations": [], '
-                                '"categories": [{"id": 1, "name": "thing"}]}')
-    return (["detect", "train", "--format", "coco", "--data", str(root), "--annotations", str(t / "ann.json"), "--out", str(out),
-             "--overwrite", "--quiet"], "escapes the image root")
+    (t / "ann.json").write_text(
+        '{"images": [{"id": 1, "file_name": "/etc/hostname"}], "annotations": [], "categories": [{"id": 1, "name": "thing"}]}'
+    )
+    return (
+        [
+            "detect",
+            "train",
+            "--format",
+            "coco",
+            "--data",
+            str(root),
+            "--annotations",
+            str(t / "ann.json"),
+            "--out",
+            str(out),
+            "--overwrite",
+            "--quiet",
+        ],
+        "escapes the image root",
+    )
 
 
 @case()
@@ -571,10 +625,10 @@ def wise_alpha_out_of_range(t, out):
 def detect_zero_rois_per_image(t, out):
     root = t / "images"
     make_image(root / "a.png", (1, 2, 3))
-    return (["detect", "train", "--data", str(root), "--out", str(out), "--rois-per-image", "0", "--overwrite", "--quiet"],
-            "--rois-per-image")
-
-
+    return (
+        ["detect", "train", "--data", str(root), "--out", str(out), "--rois-per-image", "0", "--overwrite", "--quiet"],
+        "--rois-per-image",
+    )
 
 
 def run_main(argv: list[str], capsys, caplog) -> tuple[int, list[str]]:
@@ -627,6 +681,7 @@ def test_there_are_at_least_25_kinds():
 
 # --------------------------------------------------------------------------------------------- hostile files
 
+
 @pytest.fixture
 def hostile_pickles(tmp_path) -> tuple[list[Path], Path]:
     """Model files whose unpickling writes ``marker``: a plain pickle and torch.save's zip format."""
@@ -654,9 +709,11 @@ def test_hostile_pickle_is_never_unpickled(hostile_pickles, tmp_path, tiny_folde
     shutil.copy(files[0], run / "model.safetensors")  # a pickle posing as a model file
     before = snapshot(earlier_run)
     image = next((tiny_folders / "val" / "red").iterdir())
-    for args in (train(tiny_folders, earlier_run, "--weights", str(files[1])),
-                 ["classify", "predict", str(files[0]), str(image)],
-                 ["classify", "predict", str(run), str(image)]):
+    for args in (
+        train(tiny_folders, earlier_run, "--weights", str(files[1])),
+        ["classify", "predict", str(files[0]), str(image)],
+        ["classify", "predict", str(run), str(image)],
+    ):
         rc, lines = run_main(args, capsys, caplog)
         assert rc == 2 and len(lines) == 1 and lines[0].startswith("visiontune: error:"), (args, lines)
         assert not marker.exists()

@@ -1,4 +1,5 @@
 """Model files and checkpoints you can trust: checksums, atomic writes, exact training state, resume helpers."""
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from visiontune import checkpoint as ckpt
-from visiontune.errors import UserError
 from visiontune.engine.resume import Interrupted, stop_on_interrupt
+from visiontune.errors import UserError
 from visiontune.runs import MAY_CHANGE_ON_RESUME, check_out_dir, check_same_settings, create_out_dir
 
 
@@ -40,15 +41,18 @@ def header_end(path: Path) -> int:
     return 8 + struct.unpack("<Q", path.read_bytes()[:8])[0]
 
 
-@pytest.mark.parametrize("damage, message", [
-    ("truncate_in_tensors", "truncated or corrupt"),
-    ("truncate_in_header", "truncated or corrupt"),
-    ("zero_bytes", "truncated or corrupt"),
-    ("flip_a_weight_byte", "checksum mismatch"),
-    ("swap_in_other_weights", "checksum mismatch"),
-    ("metadata_not_json", "damaged visiontune metadata"),
-    ("no_metadata", "not a visiontune file"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("truncate_in_tensors", "truncated or corrupt"),
+        ("truncate_in_header", "truncated or corrupt"),
+        ("zero_bytes", "truncated or corrupt"),
+        ("flip_a_weight_byte", "checksum mismatch"),
+        ("swap_in_other_weights", "checksum mismatch"),
+        ("metadata_not_json", "damaged visiontune metadata"),
+        ("no_metadata", "not a visiontune file"),
+    ],
+)
 def test_damaged_files_are_refused_never_loaded_half(tmp_path, damage, message):
     p = tmp_path / "m.safetensors"
     ckpt.save_model(p, tiny_model(), {"classes": ["a", "b", "c"]})
@@ -63,7 +67,7 @@ def test_damaged_files_are_refused_never_loaded_half(tmp_path, damage, message):
         data[header_end(p) + 5] ^= 0x01
         p.write_bytes(bytes(data))
     elif damage == "swap_in_other_weights":  # a valid file with the old header, other tensors: someone edited the weights
-        tensors, header = load_file(str(p)), json.loads(data[8: header_end(p)])["__metadata__"]
+        tensors, header = load_file(str(p)), json.loads(data[8 : header_end(p)])["__metadata__"]
         save_file({k: v + 1 if v.is_floating_point() else v for k, v in tensors.items()}, str(p), metadata=header)
     elif damage == "metadata_not_json":
         save_file(load_file(str(p)), str(p), metadata={ckpt.META_KEY: "{broken"})
@@ -93,8 +97,10 @@ def test_sigkill_while_replacing_the_best_model_leaves_the_old_one(tmp_path):
     p = tmp_path / "model.safetensors"
     ckpt.save_model(p, tiny_model(0), {"v": 1})
     before = p.read_bytes()
-    code = ("import sys, torch; from torch import nn; from visiontune import checkpoint as c; "
-            "c.save_model(sys.argv[1], nn.Linear(300, 300), {'v': 2})")
+    code = (
+        "import sys, torch; from torch import nn; from visiontune import checkpoint as c; "
+        "c.save_model(sys.argv[1], nn.Linear(300, 300), {'v': 2})"
+    )
     env = dict(os.environ, VISIONTUNE_FAULT="write-model:1", OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-c", code, str(p)], env=env, capture_output=True, timeout=120)
     assert r.returncode == -signal.SIGKILL
@@ -124,10 +130,16 @@ def train_steps(model, opt, sched, n: int, seed: int) -> list[float]:
 def test_training_state_resumes_bit_identically(tmp_path, optimizer):
     def make():
         model = tiny_model()
-        params = [{"params": model[0].parameters(), "name": "backbone"}, {"params": [*model[1].parameters(), *model[3].parameters()], "name": "head"}]
-        opt = (torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-4) if optimizer == "sgd"
-               else torch.optim.AdamW(params, lr=0.01, weight_decay=0.01))
-        return model, opt, torch.optim.lr_scheduler.LambdaLR(opt, [lambda s: 0.1 * 0.9 ** s, lambda s: 0.9 ** s])
+        params = [
+            {"params": model[0].parameters(), "name": "backbone"},
+            {"params": [*model[1].parameters(), *model[3].parameters()], "name": "head"},
+        ]
+        opt = (
+            torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-4)
+            if optimizer == "sgd"
+            else torch.optim.AdamW(params, lr=0.01, weight_decay=0.01)
+        )
+        return model, opt, torch.optim.lr_scheduler.LambdaLR(opt, [lambda s: 0.1 * 0.9**s, lambda s: 0.9**s])
 
     torch.manual_seed(123), np.random.seed(5), random.seed(7)
     model, opt, sched = make()
@@ -158,7 +170,9 @@ def test_training_state_refuses_a_model_file_and_another_architecture(tmp_path):
     other = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
     other_opt = torch.optim.SGD(other.parameters(), lr=0.1)
     with pytest.raises(UserError, match="does not fit this run's model"):
-        ckpt.load_training_state(tmp_path / "last.safetensors", other, other_opt, torch.optim.lr_scheduler.LambdaLR(other_opt, lambda s: 1.0))
+        ckpt.load_training_state(
+            tmp_path / "last.safetensors", other, other_opt, torch.optim.lr_scheduler.LambdaLR(other_opt, lambda s: 1.0)
+        )
     two_groups = torch.optim.SGD([{"params": model[0].parameters()}, {"params": model[3].parameters()}], lr=0.1)
     with pytest.raises(UserError, match="parameter groups"):
         ckpt.load_training_state(tmp_path / "last.safetensors", model, two_groups, None)

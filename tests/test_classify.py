@@ -1,4 +1,5 @@
 """Classification end to end through the CLI: train, eval, predict; splits; the shared ants/bees set."""
+
 from __future__ import annotations
 
 import json
@@ -6,12 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_class_folders, make_image
 
 from visiontune import checkpoint as ckpt
 from visiontune.cli import main
 from visiontune.data.classification import find_splits, scan_folder
-
-from conftest import make_class_folders, make_image
 
 SMALL = ["--image-size", "64", "--quiet", "--seed", "0"]
 
@@ -26,7 +26,16 @@ def test_linear_run_writes_everything_and_learns(tiny_folders, tmp_path, capsys)
     for name in ("model.safetensors", "metrics.json", "log.jsonl", "config.yaml", "predictions.png", "confusion_matrix.png"):
         assert (out / name).is_file(), name
     m = json.loads((out / "metrics.json").read_text())
-    for key in ("best_val_accuracy", "final_val_accuracy", "epochs", "train_seconds", "strategy", "model", "trainable_params", "total_params"):
+    for key in (
+        "best_val_accuracy",
+        "final_val_accuracy",
+        "epochs",
+        "train_seconds",
+        "strategy",
+        "model",
+        "trainable_params",
+        "total_params",
+    ):
         assert key in m
     assert m["strategy"] == "linear" and m["model"] == "efficientnet_lite0" and m["epochs"] == 10
     assert m["best_val_accuracy"] >= 0.9  # red vs blue noise images
@@ -67,7 +76,15 @@ def test_tutorial_recipe_is_the_tutorials(tiny_folders, tmp_path):
     from visiontune.tasks.classify import resolve_settings
 
     cfg, recipe = resolve_settings(ClassifyConfig(data="x", out="y", strategy="full", recipe="tutorial"))
-    assert (cfg.epochs, cfg.batch_size, cfg.lr, recipe.optimizer, recipe.momentum, recipe.schedule, recipe.step_epochs) == (25, 4, 1e-3, "sgd", 0.9, "step", 7)
+    assert (cfg.epochs, cfg.batch_size, cfg.lr, recipe.optimizer, recipe.momentum, recipe.schedule, recipe.step_epochs) == (
+        25,
+        4,
+        1e-3,
+        "sgd",
+        0.9,
+        "step",
+        7,
+    )
     assert recipe.crop_scale_min == 0.08
     out = tmp_path / "tut"
     assert _train(tiny_folders, out, "--recipe", "tutorial", "--strategy", "full", "--epochs", "1") == 0

@@ -1,4 +1,5 @@
 """Every setting is documented in --help, and --config / flags combine as documented."""
+
 from __future__ import annotations
 
 import dataclasses

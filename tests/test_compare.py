@@ -1,20 +1,39 @@
 """classify compare: every strategy under the same epoch budget; the table (CSV/JSON/markdown, on screen) and the plot."""
+
 from __future__ import annotations
 
 import csv
 import json
 
+from conftest import make_class_folders
 from PIL import Image
 
 from visiontune.cli import main
-
-from conftest import make_class_folders
 
 
 def test_compare_runs_every_strategy_under_one_budget(tmp_path, capsys):
     data = make_class_folders(tmp_path / "data", per_class=3)
     out = tmp_path / "cmp"
-    assert main(["classify", "compare", "--data", str(data), "--out", str(out), "--image-size", "64", "--epochs", "1", "--views", "2", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "classify",
+                "compare",
+                "--data",
+                str(data),
+                "--out",
+                str(out),
+                "--image-size",
+                "64",
+                "--epochs",
+                "1",
+                "--views",
+                "2",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     rows = list(csv.DictReader(open(out / "compare.csv")))
     assert [r["strategy"] for r in rows] == ["linear", "partial", "full", "staged"]

@@ -1,4 +1,5 @@
 """Instance data: Penn-Fudan and COCO read into the same records; every bad input is one line naming the file, exit 2."""
+
 from __future__ import annotations
 
 import json
@@ -7,9 +8,9 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from detection_helpers import make_coco, make_pennfudan, rectangles
 from PIL import Image
 
-from detection_helpers import make_coco, make_pennfudan, rectangles
 from visiontune.cli import main
 from visiontune.data.coco import load_coco, to_coco_api
 from visiontune.data.instance import DetectionDataset, load_pennfudan
@@ -74,6 +75,7 @@ def test_degenerate_boxes_are_dropped_and_counted(tmp_path, caplog):
 
 
 # ------------------------------------------------------------------------------------------- bad input, via the CLI
+
 
 def _train(capsys, tmp_path, *args):
     out = tmp_path / "run"

@@ -1,4 +1,5 @@
 """Detector builders: COCO-model predictors replaced for a new class count; registry backbones under an FPN or alone."""
+
 from __future__ import annotations
 
 import pytest
@@ -21,8 +22,13 @@ def test_predictors_replaced_for_new_class_count_without_size_mismatch(tmp_path)
     assert heads.box_predictor.cls_score.out_features == 4 and heads.box_predictor.bbox_pred.out_features == 16
     assert heads.mask_predictor.mask_fcn_logits.out_channels == 4
     sd = m.state_dict()
-    for k in ("backbone.body.layer3.0.conv1.weight", "backbone.fpn.layer_blocks.0.0.weight", "rpn.head.conv.0.0.weight",
-              "roi_heads.box_head.fc7.weight", "roi_heads.mask_head.0.0.weight"):
+    for k in (
+        "backbone.body.layer3.0.conv1.weight",
+        "backbone.fpn.layer_blocks.0.0.weight",
+        "rpn.head.conv.0.0.weight",
+        "roi_heads.box_head.fc7.weight",
+        "roi_heads.mask_head.0.0.weight",
+    ):
         assert torch.equal(sd[k], coco.state_dict()[k]), k
     # torchvision's default: conv1 and layer1 frozen, layer2-4 train
     assert not m.backbone.body.layer1[0].conv1.weight.requires_grad and m.backbone.body.layer2[0].conv1.weight.requires_grad

@@ -7,6 +7,7 @@ middle of epoch 2). One thread per process: the results are then reproducible on
 are compared bit for bit (weights, optimizer and RNG states, log, metrics; timings aside). At this size the RPN and
 RoI samplers take every candidate, so torch's RNG state (also compared) would not show in the weights alone.
 """
+
 from __future__ import annotations
 
 import os
@@ -16,14 +17,31 @@ import sys
 from pathlib import Path
 
 import pytest
-
 import test_resume
 from detection_helpers import make_pennfudan
 from test_resume import assert_same_run, run_chains
+
 from visiontune import checkpoint as ckpt
 
-TRAIN = ["detect", "train", "--backbone", "timm:test_efficientnet", "--backbone-weights", "none", "--min-size", "64",
-         "--max-size", "64", "--epochs", "2", "--val-last", "2", "--checkpoint-every", "3", "--quiet"]
+TRAIN = [
+    "detect",
+    "train",
+    "--backbone",
+    "timm:test_efficientnet",
+    "--backbone-weights",
+    "none",
+    "--min-size",
+    "64",
+    "--max-size",
+    "64",
+    "--epochs",
+    "2",
+    "--val-last",
+    "2",
+    "--checkpoint-every",
+    "3",
+    "--quiet",
+]
 
 
 class Launcher(test_resume.Launcher):
@@ -33,18 +51,19 @@ class Launcher(test_resume.Launcher):
         self.workdir, self.count = workdir, 0
         env = {k: v for k, v in os.environ.items() if k != "VISIONTUNE_FAULT"}
         env.update(OMP_NUM_THREADS="1", VISIONTUNE_OFFLINE="1")
-        script = test_resume.LAUNCHER.replace("from visiontune.cli import main",
-                                              "import visiontune.tasks.detect\nfrom visiontune.cli import main", 1)
+        script = test_resume.LAUNCHER.replace(
+            "from visiontune.cli import main", "import visiontune.tasks.detect\nfrom visiontune.cli import main", 1
+        )
         self.proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
 
 
 # Where each process of the SIGKILL chain kills itself (counted within that process), and the checkpoint it
 # leaves as (epochs done, steps into the next). Global steps 1..4, two per epoch; `last` after step 3 and each epoch.
 KILLS = [
-    ("write-last:1", None),   # writing the first checkpoint (end of epoch 1, after the best model): none yet, the resume starts over
-    ("step:3", (1, 1)),       # mid-epoch 2, after the step-3 checkpoint
-    ("validate:1", (1, 1)),   # in epoch 2's COCO evaluation (the predictions made, not yet scored)
-    ("finish:1", (2, 0)),     # writing the final files
+    ("write-last:1", None),  # writing the first checkpoint (end of epoch 1, after the best model): none yet, the resume starts over
+    ("step:3", (1, 1)),  # mid-epoch 2, after the step-3 checkpoint
+    ("validate:1", (1, 1)),  # in epoch 2's COCO evaluation (the predictions made, not yet scored)
+    ("finish:1", (2, 0)),  # writing the final files
 ]
 
 

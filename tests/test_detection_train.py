@@ -1,4 +1,5 @@
 """Detection runs end to end: train -> metrics.json, model file, pictures -> eval and predict from the run."""
+
 from __future__ import annotations
 
 import json
@@ -6,9 +7,9 @@ import shutil
 
 import pytest
 import torch
+from detection_helpers import make_coco, make_pennfudan
 from PIL import Image
 
-from detection_helpers import make_coco, make_pennfudan
 from visiontune.checkpoint import load_model_file
 from visiontune.cli import main
 from visiontune.config import DetectConfig
@@ -38,15 +39,26 @@ def test_pennfudan_run_writes_metrics_model_and_pictures(tmp_path):
 
     again = evaluate_run(run, str(data))  # all 5 images, the run's format
     assert again["images"] == 5 and set(KEYS) <= set(again)
-    pred = predict_run(run, [str(data / "PNGImages" / "img00.png"), str(data / "PNGImages" / "img01.png")], score_threshold=0.0, output=str(tmp_path / "pred"), quiet=True)
+    pred = predict_run(
+        run,
+        [str(data / "PNGImages" / "img00.png"), str(data / "PNGImages" / "img01.png")],
+        score_threshold=0.0,
+        output=str(tmp_path / "pred"),
+        quiet=True,
+    )
     results = json.loads((tmp_path / "pred" / "predictions.json").read_text())
     assert pred["images"] == 2 and len(list((tmp_path / "pred").glob("*.png"))) == 2
     assert results and {"file_name", "bbox", "score", "segmentation", "category"} <= set(results[0])
     # a threshold inside the model (fewer masks pasted) gives exactly the detections above it
     scores = sorted({r["score"] for r in results})
     threshold = (scores[len(scores) // 2 - 1] + scores[len(scores) // 2]) / 2
-    predict_run(run, [str(data / "PNGImages" / "img00.png"), str(data / "PNGImages" / "img01.png")], score_threshold=threshold,
-                output=str(tmp_path / "above"), quiet=True)
+    predict_run(
+        run,
+        [str(data / "PNGImages" / "img00.png"), str(data / "PNGImages" / "img01.png")],
+        score_threshold=threshold,
+        output=str(tmp_path / "above"),
+        quiet=True,
+    )
     above = json.loads((tmp_path / "above" / "predictions.json").read_text())
     assert 0 < len(above) < len(results) and above == [r for r in results if r["score"] >= threshold]
 
@@ -66,8 +78,31 @@ def test_resume_continues_where_it_stopped(tmp_path):
 def test_coco_run_keeps_category_names_and_ids(tmp_path, capsys, masks):
     images, ann = make_coco(tmp_path / "c", n=6, masks=masks, category_ids=(7, 3))
     out = tmp_path / "run"
-    code = main(["detect", "train", "--format", "coco", "--data", str(images), "--annotations", str(ann), "--out", str(out),
-                 "--epochs", "1", "--val-split", "0.34", "--min-size", "64", "--max-size", "64", "--backbone-weights", "none", "--quiet"])
+    code = main(
+        [
+            "detect",
+            "train",
+            "--format",
+            "coco",
+            "--data",
+            str(images),
+            "--annotations",
+            str(ann),
+            "--out",
+            str(out),
+            "--epochs",
+            "1",
+            "--val-split",
+            "0.34",
+            "--min-size",
+            "64",
+            "--max-size",
+            "64",
+            "--backbone-weights",
+            "none",
+            "--quiet",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     saved = json.loads((out / "metrics.json").read_text())
     assert set(saved["per_class"]) == {"left", "right"}
@@ -91,8 +126,11 @@ def test_pennfudan_short_epoch_loss_falls_and_coco_eval_runs_on_real_masks(pennf
         (data / sub).mkdir(parents=True)
         for n in names:
             shutil.copy(pennfudan / sub / f"{n}{suffix}.png", data / sub / f"{n}{suffix}.png")
-    m = fit(DetectConfig(data=str(data), out=str(tmp_path / "run"), epochs=1, val_last=2, min_size=128, max_size=160,
-                         lr=0.01, quiet=True, seed=0))
+    m = fit(
+        DetectConfig(
+            data=str(data), out=str(tmp_path / "run"), epochs=1, val_last=2, min_size=128, max_size=160, lr=0.01, quiet=True, seed=0
+        )
+    )
     log = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[0])
     assert log["last_step_loss"] < log["first_step_loss"]  # 3 steps, warm-up included
     assert m["val_images"] == 2 and (tmp_path / "run" / "report.html").is_file()

@@ -5,6 +5,7 @@ so two processes with 4 images each compute exactly the gradient one process com
 network would not: its training statistics come from each process's own images unless synchronized, and
 PyTorch synchronizes BatchNorm on CUDA only.)
 """
+
 from __future__ import annotations
 
 import json
@@ -17,20 +18,22 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-
 from conftest import make_class_folders
+
 from visiontune import checkpoint as ckpt
 from visiontune.cli import main
 from visiontune.config import ClassifyConfig
-from visiontune.tasks.classify import fit
 from visiontune.errors import UserError
+from visiontune.tasks.classify import fit
 
 # Two processes vs one: float sums in another order; measured differences are ~5e-6 in weights, ~2e-7 in loss.
 WEIGHT_ATOL = 1e-4
 LOSS_RTOL = 1e-5
 
 # fp32: bf16 autocast rounds each process's half-batch differently, which would hide what this compares.
-SETTINGS = dict(model="timm:test_vit", weights="none", strategy="staged", epochs=3, batch_size=8, image_size=64, precision="fp32", quiet=True)
+SETTINGS = dict(
+    model="timm:test_vit", weights="none", strategy="staged", epochs=3, batch_size=8, image_size=64, precision="fp32", quiet=True
+)
 
 
 def torchrun(nproc: int, *args: str, timeout: int = 180) -> subprocess.CompletedProcess:
@@ -105,6 +108,7 @@ def test_resume_with_another_process_count_is_refused(runs, capsys):
 
 # --------------------------------------------------------------------------------------------- the helpers, 2 processes
 
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -133,12 +137,16 @@ def _helpers_worker(rank: int, port: int, results: dict) -> None:
         if phase == 1:
             model[0].requires_grad_(True)
         model.zero_grad(set_to_none=True)
-        ((d.for_training(model, torch.device("cpu"))(x[rank * 4:(rank + 1) * 4]) - y[rank * 4:(rank + 1) * 4]) ** 2).mean().backward()
+        ((d.for_training(model, torch.device("cpu"))(x[rank * 4 : (rank + 1) * 4]) - y[rank * 4 : (rank + 1) * 4]) ** 2).mean().backward()
         ref = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
         ref.load_state_dict(model.state_dict())
         ((ref(x) - y) ** 2).mean().backward()
-        grads_ok.append(all((p.grad is None) if not p.requires_grad else torch.allclose(p.grad, q.grad, atol=1e-6)
-                            for p, q in zip(model.parameters(), ref.parameters())))
+        grads_ok.append(
+            all(
+                (p.grad is None) if not p.requires_grad else torch.allclose(p.grad, q.grad, atol=1e-6)
+                for p, q in zip(model.parameters(), ref.parameters())
+            )
+        )
     coco = _sharded_coco_evaluation()
     try:
         d.per_process_batch(5)
@@ -150,9 +158,18 @@ def _helpers_worker(rank: int, port: int, results: dict) -> None:
         sync_bn_error = ""
     except UserError as e:
         sync_bn_error = str(e)
-    results[rank] = {"calls": len(calls), "feats": feats.tolist(), "labels": labels.tolist(), "shard": list(shard),
-                     "gathered": gathered.tolist(), "grads_ok": grads_ok, "batch_error": batch_error, "sync_bn_error": sync_bn_error,
-                     "sampler": list(d.epoch_sampler(list(range(7)), 3, 1)), "coco": coco}
+    results[rank] = {
+        "calls": len(calls),
+        "feats": feats.tolist(),
+        "labels": labels.tolist(),
+        "shard": list(shard),
+        "gathered": gathered.tolist(),
+        "grads_ok": grads_ok,
+        "batch_error": batch_error,
+        "sync_bn_error": sync_bn_error,
+        "sampler": list(d.epoch_sampler(list(range(7)), 3, 1)),
+        "coco": coco,
+    }
 
 
 class _Oracle(torch.nn.Module):
@@ -176,8 +193,17 @@ def _sharded_coco_evaluation() -> dict:
     from visiontune.data.instance import Record
     from visiontune.tasks.detect import evaluate_sharded
 
-    records = [Record(f"{i}.png", torch.full((3, 40, 50), i, dtype=torch.uint8), torch.tensor([[3.0 + i, 4.0, 20.0 + i, 30.0]]),
-                      torch.ones(1, dtype=torch.long), None, i) for i in range(1, 6)]
+    records = [
+        Record(
+            f"{i}.png",
+            torch.full((3, 40, 50), i, dtype=torch.uint8),
+            torch.tensor([[3.0 + i, 4.0, 20.0 + i, 30.0]]),
+            torch.ones(1, dtype=torch.long),
+            None,
+            i,
+        )
+        for i in range(1, 6)
+    ]
     m = evaluate_sharded(_Oracle(records), records, ["thing"], False, torch.device("cpu"))
     return {"images": m["val_images"], "AP": m["bbox_AP"], "AP50": m["bbox_AP50"]}
 
@@ -201,6 +227,7 @@ def test_distributed_helpers_on_two_processes():
 
 # --------------------------------------------------------------------------------------------- detection, 2 processes
 
+
 def make_instance_folder(root: Path, n: int) -> Path:
     """Penn-Fudan layout: PNGImages/*.png and PedMasks/*_mask.png holding one or two bright boxes as instances 1, 2."""
     import numpy as np
@@ -213,8 +240,8 @@ def make_instance_folder(root: Path, n: int) -> Path:
         image, mask = rng.integers(0, 60, (48, 64, 3), dtype=np.uint8), np.zeros((48, 64), np.uint8)
         for k in range(1 + i % 2):
             y, x = int(rng.integers(2, 26)), int(rng.integers(2, 12)) + 30 * k
-            image[y:y + 20, x:x + 14] = (200, 60 + 40 * k, 60)
-            mask[y:y + 20, x:x + 14] = k + 1
+            image[y : y + 20, x : x + 14] = (200, 60 + 40 * k, 60)
+            mask[y : y + 20, x : x + 14] = k + 1
         Image.fromarray(image).save(root / "PNGImages" / f"P{i:03d}.png")
         Image.fromarray(mask, "L").save(root / "PedMasks" / f"P{i:03d}_mask.png")
     return root
@@ -227,9 +254,32 @@ def test_two_process_detection_evaluates_every_validation_image_once(tmp_path):
     from visiontune.models.detection import build_detector
 
     data, run = make_instance_folder(tmp_path / "pf", 5), tmp_path / "det"
-    proc = torchrun(2, "detect", "train", "--data", str(data), "--out", str(run), "--model", "fasterrcnn",
-                    "--backbone", "timm:test_efficientnet", "--backbone-weights", "none", "--min-size", "64", "--max-size", "96",
-                    "--epochs", "1", "--batch-size", "2", "--val-last", "3", "--quiet")
+    proc = torchrun(
+        2,
+        "detect",
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(run),
+        "--model",
+        "fasterrcnn",
+        "--backbone",
+        "timm:test_efficientnet",
+        "--backbone-weights",
+        "none",
+        "--min-size",
+        "64",
+        "--max-size",
+        "96",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "2",
+        "--val-last",
+        "3",
+        "--quiet",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (entry,) = log_lines(run)
     assert entry["val_images"] == 3  # 1 on rank 0, 2 on rank 1: each once

@@ -1,4 +1,5 @@
 """Export: ONNX Runtime and TorchScript give PyTorch's logits on real photos; class names and preprocessing travel along."""
+
 from __future__ import annotations
 
 import json
@@ -8,6 +9,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import REPO, make_class_folders
 from torchvision.transforms.v2 import functional as TF
 
 from visiontune.cli import main
@@ -16,8 +18,6 @@ from visiontune.data.transforms import classification_eval
 from visiontune.inference.classify import predict
 from visiontune.inference.load import load_classifier
 
-from conftest import REPO, make_class_folders
-
 REAL_IMAGES = sorted((REPO / "examples" / "hymenoptera_sample" / "val").rglob("*.jpg"))[::3]
 
 
@@ -25,7 +25,12 @@ REAL_IMAGES = sorted((REPO / "examples" / "hymenoptera_sample" / "val").rglob("*
 def run_dir(tmp_path_factory) -> Path:
     data = make_class_folders(tmp_path_factory.mktemp("data"), classes=("red", "blue", "green"), per_class=4)
     out = tmp_path_factory.mktemp("runs") / "run"
-    assert main(["classify", "train", "--data", str(data), "--out", str(out), "--image-size", "64", "--quiet", "--epochs", "2", "--views", "2"]) == 0
+    assert (
+        main(
+            ["classify", "train", "--data", str(data), "--out", str(out), "--image-size", "64", "--quiet", "--epochs", "2", "--views", "2"]
+        )
+        == 0
+    )
     return out
 
 

@@ -1,5 +1,6 @@
 """Detection export: ONNX Runtime gives PyTorch's boxes, labels, scores and masks on real photos (Penn-Fudan where present,
 else synthetic), at image sizes other than the traced one; class names travel along; ``detect predict`` runs the file."""
+
 from __future__ import annotations
 
 import json
@@ -11,6 +12,8 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import SHARED, shared_dataset
+from detection_helpers import make_pennfudan
 from PIL import Image
 from scipy.optimize import linear_sum_assignment
 from torchvision.transforms.v2 import functional as TF
@@ -22,14 +25,11 @@ from visiontune.inference.detect import predict_run
 from visiontune.inference.load import load_detector
 from visiontune.models.detection import build_detector
 
-from conftest import SHARED, shared_dataset
-from detection_helpers import make_pennfudan
-
 # measured over 238 detections on 7 Penn-Fudan images: boxes <= 0.0005 px, scores <= 2.5e-5, mask IoU 1.0, mean |dp| 4e-8
 BOX_TOL_PX = 0.05
 SCORE_TOL = 1e-4
-MASK_MIN_IOU = 0.99     # binary masks (probability > 0.5) of each matched detection
-MASK_MEAN_ABS = 1e-3    # mean |p_onnx - p_torch| over each mask
+MASK_MIN_IOU = 0.99  # binary masks (probability > 0.5) of each matched detection
+MASK_MEAN_ABS = 1e-3  # mean |p_onnx - p_torch| over each mask
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +52,23 @@ def run_dir(images, tmp_path_factory) -> Path:
         cls_score.bias[1] -= margin[20] - math.log(0.05 / 0.95)
     out = tmp_path_factory.mktemp("runs") / "run"
     out.mkdir()
-    ckpt.save_model(out / "model.safetensors", model, {
-        "task": "detection", "model": "maskrcnn", "backbone": "efficientnet_lite0", "neck": "fpn", "classes": ["pedestrian"],
-        "category_ids": [1], "masks": True, "data_format": "pennfudan", "min_size": 128, "max_size": 192, "pretrained": "none"})
+    ckpt.save_model(
+        out / "model.safetensors",
+        model,
+        {
+            "task": "detection",
+            "model": "maskrcnn",
+            "backbone": "efficientnet_lite0",
+            "neck": "fpn",
+            "classes": ["pedestrian"],
+            "category_ids": [1],
+            "masks": True,
+            "data_format": "pennfudan",
+            "min_size": 128,
+            "max_size": 192,
+            "pretrained": "none",
+        },
+    )
     return out
 
 
@@ -104,7 +118,11 @@ def test_onnx_matches_pytorch_boxes_labels_scores_masks(run_dir, onnx_file, imag
             expected = model([x])[0]
         got = {k: torch.from_numpy(v) for k, v in zip(names, session.run(names, {"image": x.numpy()}))}
         assert len(expected["boxes"]) > 0, "the test model should detect something"
-        assert got["boxes"].shape == expected["boxes"].shape and got["masks"].shape == expected["masks"].shape == (len(got["boxes"]), 1, *x.shape[1:])
+        assert got["boxes"].shape == expected["boxes"].shape and got["masks"].shape == expected["masks"].shape == (
+            len(got["boxes"]),
+            1,
+            *x.shape[1:],
+        )
         for i, j in match(expected, got):
             assert (expected["boxes"][i] - got["boxes"][j]).abs().max() <= BOX_TOL_PX, path
             assert expected["labels"][i] == got["labels"][j]
@@ -131,7 +149,9 @@ def test_onnx_metadata_carries_classes_preprocessing_and_model(onnx_file):
 def test_detect_predict_runs_the_onnx_file_like_the_run(run_dir, onnx_file, images, tmp_path):
     # one image per batch, as the ONNX file runs: a batch pads its images to one size, which moves a random model's scores
     predict_run(run_dir, list(map(str, images)), score_threshold=0.3, output=str(tmp_path / "pt"), batch_size=1)
-    assert main(["detect", "predict", str(onnx_file), *map(str, images), "--output", str(tmp_path / "ort"), "--score-threshold", "0.3"]) == 0
+    assert (
+        main(["detect", "predict", str(onnx_file), *map(str, images), "--output", str(tmp_path / "ort"), "--score-threshold", "0.3"]) == 0
+    )
     by_file = {}
     for name in ("pt", "ort"):
         for r in json.loads((tmp_path / name / "predictions.json").read_text()):

@@ -1,4 +1,5 @@
 """The on-disk feature cache: reused when nothing changed, rebuilt when any input changed or the file is corrupt."""
+
 from __future__ import annotations
 
 import json
@@ -7,14 +8,13 @@ import os
 
 import pytest
 import torch
+from conftest import make_class_folders
 from torch import nn
 
 from visiontune.cli import main
 from visiontune.data.classification import DecodedImages, decode_all, scan_folder
 from visiontune.data.transforms import classification_train
 from visiontune.engine import features as F
-
-from conftest import make_class_folders
 
 PREP = "decode 40; train transform"
 
@@ -124,8 +124,21 @@ def test_unwritable_cache_dir_costs_only_speed(setup, tmp_path, caplog):
 def test_training_runs_share_the_cache(tmp_path, monkeypatch):
     """Two linear runs on the same images: the second reads the features and learns the same head."""
     data = make_class_folders(tmp_path / "data", per_class=4)
-    args = ["classify", "train", "--data", str(data), "--image-size", "64", "--quiet", "--views", "2", "--epochs", "5",
-            "--cache-dir", str(tmp_path / "cache")]
+    args = [
+        "classify",
+        "train",
+        "--data",
+        str(data),
+        "--image-size",
+        "64",
+        "--quiet",
+        "--views",
+        "2",
+        "--epochs",
+        "5",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
     assert main([*args, "--out", str(tmp_path / "a")]) == 0
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2  # train and val
 

@@ -1,15 +1,15 @@
 """Every --head learns on cached features, is saved in the model file, and is the one eval and predict use."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
+from conftest import make_class_folders
 
+from visiontune.cli import main
 from visiontune.inference.classify import evaluate, predict
 from visiontune.inference.load import load_classifier
-from visiontune.cli import main
-
-from conftest import make_class_folders
 
 CLASSES = ("blue", "green", "red")
 
@@ -25,8 +25,32 @@ def shared(tmp_path_factory):
 def test_head_learns_and_is_used_by_eval_and_predict(shared, tmp_path, head, capsys):
     data, cache = shared
     out = tmp_path / head
-    assert main(["classify", "train", "--data", str(data), "--out", str(out), "--head", head, "--image-size", "64",
-                 "--views", "2", "--epochs", "15", "--cache-dir", str(cache), "--quiet", "--seed", "0"]) == 0
+    assert (
+        main(
+            [
+                "classify",
+                "train",
+                "--data",
+                str(data),
+                "--out",
+                str(out),
+                "--head",
+                head,
+                "--image-size",
+                "64",
+                "--views",
+                "2",
+                "--epochs",
+                "15",
+                "--cache-dir",
+                str(cache),
+                "--quiet",
+                "--seed",
+                "0",
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["head"] == head and metrics["best_val_accuracy"] >= 0.9
 

@@ -1,4 +1,5 @@
 """Every common kind of image file loads as the right 8-bit RGB picture; a broken one is named, never half-read."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -58,12 +59,15 @@ def test_16_bit_and_float_samples_are_scaled_not_clipped(tmp_path):
     assert [load_rgb(tmp_path / "int32.tiff").getpixel((x, 0))[0] for x in range(3)] == [0, 78, 255]
 
 
-@pytest.mark.parametrize("orientation, size, red_at", [
-    (1, (40, 20), (0, 10)),  # as stored: red left half
-    (3, (40, 20), (39, 10)),  # upside down: red on the right
-    (6, (20, 40), (10, 0)),  # rotated 90 degrees clockwise to display: red on top
-    (8, (20, 40), (10, 39)),  # rotated 90 degrees counter-clockwise: red at the bottom
-])
+@pytest.mark.parametrize(
+    "orientation, size, red_at",
+    [
+        (1, (40, 20), (0, 10)),  # as stored: red left half
+        (3, (40, 20), (39, 10)),  # upside down: red on the right
+        (6, (20, 40), (10, 0)),  # rotated 90 degrees clockwise to display: red on top
+        (8, (20, 40), (10, 39)),  # rotated 90 degrees counter-clockwise: red at the bottom
+    ],
+)
 def test_exif_orientation_is_applied(tmp_path, orientation, size, red_at):
     a = np.zeros((20, 40, 3), dtype=np.uint8)
     a[:, :20] = (230, 20, 20)
@@ -95,8 +99,14 @@ def test_bad_files_are_named(tmp_path):
     (tmp_path / "text.png").write_text("not an image")
     Image.new("1", (9000, 9000)).save(tmp_path / "bomb.png")  # 81 megapixels in a few kilobytes
     (tmp_path / "folder.png").mkdir()
-    for name, reason in [("truncated.png", "corrupt or truncated"), ("empty.jpg", "not an image"), ("text.png", "not an image"),
-                         ("bomb.png", "decompression bomb"), ("folder.png", "directory"), ("missing.png", "no such file")]:
+    for name, reason in [
+        ("truncated.png", "corrupt or truncated"),
+        ("empty.jpg", "not an image"),
+        ("text.png", "not an image"),
+        ("bomb.png", "decompression bomb"),
+        ("folder.png", "directory"),
+        ("missing.png", "no such file"),
+    ]:
         with pytest.raises(BadImage) as e:
             load_rgb(tmp_path / name)
         assert name in str(e.value) and reason in str(e.value) and "\n" not in str(e.value)

@@ -1,4 +1,5 @@
 """The model file's metadata: typed, versioned, and files of the first version still read."""
+
 from __future__ import annotations
 
 import pytest
@@ -7,14 +8,40 @@ from visiontune.errors import UserError
 from visiontune.meta import META_VERSION, ClassifierMeta, DetectorMeta, EvalPreprocessing, read_meta
 
 # as version 1 wrote them: plain dicts, no version, "epoch" inside detection's top level, extra keys of the file format
-V1_CLASSIFIER = {"task": "classification", "model": "efficientnet_lite0", "classes": ["ants", "bees"], "head": "linear",
-                 "num_features": 1280, "bank_size": 1, "strategy": "linear", "recipe": "default", "pretrained": "embedded",
-                 "preprocessing": {"mean": [0.5] * 3, "std": [0.5] * 3, "input_size": 224, "resize_size": 256},
-                 "advice": None, "metrics": {"val_accuracy": 0.95, "epoch": 7}, "format": "visiontune/1", "kind": "model",
-                 "weights_sha256": "0" * 64}
-V1_DETECTOR = {"task": "detection", "model": "maskrcnn", "backbone": None, "neck": "fpn", "classes": ["person"], "category_ids": [1],
-               "masks": True, "data_format": "pennfudan", "min_size": 320, "max_size": 512, "pretrained": "none",
-               "metrics": {"segm_AP": 0.4}, "epoch": 3, "format": "visiontune/1", "kind": "model"}
+V1_CLASSIFIER = {
+    "task": "classification",
+    "model": "efficientnet_lite0",
+    "classes": ["ants", "bees"],
+    "head": "linear",
+    "num_features": 1280,
+    "bank_size": 1,
+    "strategy": "linear",
+    "recipe": "default",
+    "pretrained": "embedded",
+    "preprocessing": {"mean": [0.5] * 3, "std": [0.5] * 3, "input_size": 224, "resize_size": 256},
+    "advice": None,
+    "metrics": {"val_accuracy": 0.95, "epoch": 7},
+    "format": "visiontune/1",
+    "kind": "model",
+    "weights_sha256": "0" * 64,
+}
+V1_DETECTOR = {
+    "task": "detection",
+    "model": "maskrcnn",
+    "backbone": None,
+    "neck": "fpn",
+    "classes": ["person"],
+    "category_ids": [1],
+    "masks": True,
+    "data_format": "pennfudan",
+    "min_size": 320,
+    "max_size": 512,
+    "pretrained": "none",
+    "metrics": {"segm_AP": 0.4},
+    "epoch": 3,
+    "format": "visiontune/1",
+    "kind": "model",
+}
 
 
 def test_version_1_files_read_as_typed_records():

@@ -1,26 +1,34 @@
 """RUN/report.html: self-contained, and it renders in headless Chromium (curves, gallery, every image decoded)."""
+
 from __future__ import annotations
 
 import json
 import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import make_class_folders, make_image
 from PIL import Image
 
 from visiontune.cli import main
 from visiontune.report import gallery_order, write_report, write_val_predictions
 
-from conftest import make_class_folders, make_image
-
 CHROMIUM = "/usr/bin/chromium"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--hide-scrollbars"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+]
 # Injected into a copy of the report: after load, write what rendered into the DOM that --dump-dom prints.
 PROBE = """<script>window.addEventListener('load', () => { const im = [...document.images];
 document.body.setAttribute('data-probe', JSON.stringify({images: im.length,
@@ -42,11 +50,13 @@ def render(report: Path, tmp: Path) -> tuple[dict, np.ndarray]:
     page = tmp / "page.html"
     page.write_text(report.read_text().replace("</body>", PROBE + "</body>"))
     common = [chromium(), *FLAGS, "--window-size=1280,2400", "--virtual-time-budget=10000"]
-    dom = subprocess.run([*common, f"--user-data-dir={tmp / 'profile-dom'}", "--dump-dom", page.as_uri()],
-                         capture_output=True, text=True, timeout=60).stdout
+    dom = subprocess.run(
+        [*common, f"--user-data-dir={tmp / 'profile-dom'}", "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=60
+    ).stdout
     shot = tmp / "shot.png"
-    subprocess.run([*common, f"--user-data-dir={tmp / 'profile-shot'}", f"--screenshot={shot}", report.as_uri()],
-                   capture_output=True, timeout=60)
+    subprocess.run(
+        [*common, f"--user-data-dir={tmp / 'profile-shot'}", f"--screenshot={shot}", report.as_uri()], capture_output=True, timeout=60
+    )
     probe = re.search(r'data-probe="([^"]*)"', dom)
     assert probe, f"the page did not load (no probe result in the DOM): {dom[:300]}"
     return json.loads(probe.group(1).replace("&quot;", '"')), np.asarray(Image.open(shot).convert("RGB"))
@@ -56,8 +66,28 @@ def render(report: Path, tmp: Path) -> tuple[dict, np.ndarray]:
 def run_dir(tmp_path_factory) -> Path:
     data = make_class_folders(tmp_path_factory.mktemp("data"), classes=("red", "blue", "green"), per_class=5)
     out = tmp_path_factory.mktemp("runs") / "run"
-    assert main(["classify", "train", "--data", str(data), "--out", str(out), "--image-size", "64", "--quiet",
-                 "--strategy", "linear", "--epochs", "3", "--views", "2"]) == 0
+    assert (
+        main(
+            [
+                "classify",
+                "train",
+                "--data",
+                str(data),
+                "--out",
+                str(out),
+                "--image-size",
+                "64",
+                "--quiet",
+                "--strategy",
+                "linear",
+                "--epochs",
+                "3",
+                "--views",
+                "2",
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -110,11 +140,22 @@ def test_detection_report_from_run_files(tmp_path):
     run.mkdir()
     (run / "config.yaml").write_text("model: maskrcnn\nepochs: 2\n")
     # what tasks/detect.py writes: flat COCO numbers and per-class AP in metrics.json, predictions.png
-    (run / "metrics.json").write_text(json.dumps({
-        "task": "detection", "bbox_AP": 0.612, "bbox_AP50": 0.923, "segm_AP": 0.571, "segm_AP50": 0.884, "train_seconds": 12.5,
-        "per_class": {"person": {"bbox_AP": 0.612, "bbox_AP50": 0.923, "segm_AP": 0.571, "segm_AP50": None}}}))
-    (run / "log.jsonl").write_text("".join(json.dumps({"epoch": e, "train_loss": 2.0 / e, "bbox_AP": 0.3 * e, "val_images": 50}) + "\n"
-                                           for e in (1, 2)))
+    (run / "metrics.json").write_text(
+        json.dumps(
+            {
+                "task": "detection",
+                "bbox_AP": 0.612,
+                "bbox_AP50": 0.923,
+                "segm_AP": 0.571,
+                "segm_AP50": 0.884,
+                "train_seconds": 12.5,
+                "per_class": {"person": {"bbox_AP": 0.612, "bbox_AP50": 0.923, "segm_AP": 0.571, "segm_AP50": None}},
+            }
+        )
+    )
+    (run / "log.jsonl").write_text(
+        "".join(json.dumps({"epoch": e, "train_loss": 2.0 / e, "bbox_AP": 0.3 * e, "val_images": 50}) + "\n" for e in (1, 2))
+    )
     make_image(run / "predictions.png", (200, 60, 60), size=(120, 80))
     page = write_report(run).read_text()
     for text in ("Average precision", "0.6120", "0.8840", "segm", "person", "predictions.png", "Training curves"):
@@ -141,6 +182,23 @@ def test_tensorboard_without_the_package_is_a_one_line_error(tiny_folders, tmp_p
         assert "pip install tensorboard" in err and len(err.strip().splitlines()) == 1 and not out.exists()
     else:
         out = tmp_path / "run"
-        assert main(["classify", "train", "--data", str(tiny_folders), "--out", str(out), "--tensorboard", "--quiet",
-                     "--image-size", "64", "--epochs", "2"]) == 0
+        assert (
+            main(
+                [
+                    "classify",
+                    "train",
+                    "--data",
+                    str(tiny_folders),
+                    "--out",
+                    str(out),
+                    "--tensorboard",
+                    "--quiet",
+                    "--image-size",
+                    "64",
+                    "--epochs",
+                    "2",
+                ]
+            )
+            == 0
+        )
         assert list((out / "tensorboard").glob("events.out.tfevents.*"))

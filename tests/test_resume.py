@@ -6,6 +6,7 @@ makes a process kill itself at a chosen point. The processes are forked from a "
 torch once (an import costs more than a whole tiny run). One thread per process: the results are then
 reproducible and the runs do not fight over the two cores.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,18 +20,52 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_class_folders, make_image, write_pretrained_weights
 from safetensors.torch import load_file
 
-from conftest import make_class_folders, make_image, write_pretrained_weights
 from visiontune import checkpoint as ckpt
 from visiontune.cli import main
 
-TRAIN = ["classify", "train", "--model", "timm:test_efficientnet", "--weights", "none", "--image-size", "64",
-         "--strategy", "staged", "--recipe", "tutorial", "--epochs", "3", "--lr", "0.05", "--checkpoint-every", "2", "--quiet"]
+TRAIN = [
+    "classify",
+    "train",
+    "--model",
+    "timm:test_efficientnet",
+    "--weights",
+    "none",
+    "--image-size",
+    "64",
+    "--strategy",
+    "staged",
+    "--recipe",
+    "tutorial",
+    "--epochs",
+    "3",
+    "--lr",
+    "0.05",
+    "--checkpoint-every",
+    "2",
+    "--quiet",
+]
 # The default recipe's staged run: the head on cached backbone features first (one epoch), then two unfrozen epochs,
 # from a weights file (pretrained, as far as the run knows) and with --wise-alpha, so the kept model is an average.
-CACHED = ["classify", "train", "--model", "timm:test_efficientnet", "--image-size", "64", "--strategy", "staged",
-          "--epochs", "3", "--cache-dir", "none", "--wise-alpha", "0.5", "--quiet"]
+CACHED = [
+    "classify",
+    "train",
+    "--model",
+    "timm:test_efficientnet",
+    "--image-size",
+    "64",
+    "--strategy",
+    "staged",
+    "--epochs",
+    "3",
+    "--cache-dir",
+    "none",
+    "--wise-alpha",
+    "0.5",
+    "--quiet",
+]
 TIMING = {"train_seconds", "train_images_per_second", "elapsed_seconds"}
 
 
@@ -94,8 +129,15 @@ def data(tmp_path_factory) -> Path:
 
 def observe(run: Path, fault: str | None, r: subprocess.CompletedProcess) -> dict:
     """What a process left behind: exit code, stderr, whether every file passed its checksum, where `last` stands."""
-    seen = {"fault": fault, "rc": r.returncode, "stderr": r.stderr, "corrupt": [], "last": None, "model": (run / "model.safetensors").exists(),
-            "model_tmp": bool(list(run.glob(".model.safetensors.*.tmp")))}
+    seen = {
+        "fault": fault,
+        "rc": r.returncode,
+        "stderr": r.stderr,
+        "corrupt": [],
+        "last": None,
+        "model": (run / "model.safetensors").exists(),
+        "model_tmp": bool(list(run.glob(".model.safetensors.*.tmp"))),
+    }
     for f in [*run.glob("*.safetensors"), *run.glob("*.json")]:
         try:
             ckpt._load(f) if f.suffix == ".safetensors" else json.loads(f.read_text())
@@ -110,12 +152,12 @@ def observe(run: Path, fault: str | None, r: subprocess.CompletedProcess) -> dic
 # Where each process of the SIGKILL chain kills itself, and the checkpoint it must leave as (epochs done, steps
 # into the next). Global steps 1..9, three per epoch; a checkpoint every 2 steps and after each epoch.
 KILLS = [
-    ("step:1", None),           # the first step, before any checkpoint: the resume starts over
+    ("step:1", None),  # the first step, before any checkpoint: the resume starts over
     ("write-model:1", (0, 2)),  # while writing the first best model (end of epoch 1)
-    ("write-last:2", (1, 0)),   # while writing the step-4 checkpoint
-    ("validate:1", (1, 3)),     # validating epoch 2, after every batch of it
-    ("step:2", (2, 2)),         # in epoch 3, after step 8 and its checkpoint
-    ("finish:1", (3, 0)),       # writing the final files
+    ("write-last:2", (1, 0)),  # while writing the step-4 checkpoint
+    ("validate:1", (1, 3)),  # validating epoch 2, after every batch of it
+    ("step:2", (2, 2)),  # in epoch 3, after step 8 and its checkpoint
+    ("finish:1", (3, 0)),  # writing the final files
 ]
 
 
@@ -187,7 +229,9 @@ def assert_same_run(run: Path, reference: Path) -> None:
     log = [without_timing(json.loads(line)) for line in (run / "log.jsonl").read_text().splitlines()]
     ref = [without_timing(json.loads(line)) for line in (reference / "log.jsonl").read_text().splitlines()]
     assert log == ref
-    assert without_timing(json.loads((run / "metrics.json").read_text())) == without_timing(json.loads((reference / "metrics.json").read_text()))
+    assert without_timing(json.loads((run / "metrics.json").read_text())) == without_timing(
+        json.loads((reference / "metrics.json").read_text())
+    )
 
 
 def test_sigkill_at_six_points_then_resume_is_bit_identical(runs):

@@ -1,4 +1,5 @@
 """The sparse-matrix RoIAlign gives torchvision's numbers: outputs and gradients, per op, per pooler, per detector."""
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -80,8 +81,11 @@ def test_detector_uses_it_and_predicts_as_with_torchvision():
     built = []
     for sparse in (True, False):
         torch.manual_seed(0)
-        built.append(build_detector("maskrcnn", 3, backbone="timm:resnet18", backbone_weights="none",
-                                    min_size=96, max_size=96, sparse_roi_align=sparse).eval())
+        built.append(
+            build_detector(
+                "maskrcnn", 3, backbone="timm:resnet18", backbone_weights="none", min_size=96, max_size=96, sparse_roi_align=sparse
+            ).eval()
+        )
     ours, ref = built
     assert type(ours.roi_heads.box_roi_pool) is SparseMultiScaleRoIAlign and type(ours.roi_heads.mask_roi_pool) is SparseMultiScaleRoIAlign
     assert type(ref.roi_heads.box_roi_pool) is MultiScaleRoIAlign

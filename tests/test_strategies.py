@@ -1,4 +1,5 @@
 """Frozen means frozen: parameters and BatchNorm buffers bit-identical after training in train mode."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,15 +1,15 @@
 """WiSE-FT: the model evaluated and kept is alpha * fine-tuned + (1 - alpha) * pretrained; training goes on unaveraged."""
+
 from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_class_folders, write_pretrained_weights
 from safetensors.torch import load_file
 from torch import nn
 
 from visiontune.cli import main
 from visiontune.engine import wise
-
-from conftest import make_class_folders, write_pretrained_weights
 
 
 def test_inside_the_average_and_after_exactly_the_weights_before():
@@ -43,8 +43,31 @@ def test_full_run_keeps_the_average_of_fine_tuned_and_pretrained_base(pretrained
     data = make_class_folders(tmp_path / "data")
     out = tmp_path / "run"
     extra = [] if alpha is None else ["--wise-alpha", alpha]
-    assert main(["classify", "train", "--data", str(data), "--out", str(out), "--model", "timm:test_efficientnet",
-                 "--weights", str(pretrained_file), "--image-size", "64", "--strategy", "full", "--epochs", "1", "--quiet", *extra]) == 0
+    assert (
+        main(
+            [
+                "classify",
+                "train",
+                "--data",
+                str(data),
+                "--out",
+                str(out),
+                "--model",
+                "timm:test_efficientnet",
+                "--weights",
+                str(pretrained_file),
+                "--image-size",
+                "64",
+                "--strategy",
+                "full",
+                "--epochs",
+                "1",
+                "--quiet",
+                *extra,
+            ]
+        )
+        == 0
+    )
     kept = load_file(out / "model.safetensors")  # the best (only) epoch's model
     tuned = {k.removeprefix("model/"): v for k, v in load_file(out / "last.safetensors").items() if k.startswith("model/")}
     pretrained = load_file(pretrained_file)

@@ -1,14 +1,25 @@
 """visiontune: fine-tune pretrained vision models on your own images.
 
-    import visiontune as vt
-    metrics = vt.fit(vt.ClassifyConfig(data="images/", out="run", strategy="linear"))
-    vt.predict("run", ["photo.jpg"])
+import visiontune as vt
+metrics = vt.fit(vt.ClassifyConfig(data="images/", out="run", strategy="linear"))
+vt.predict("run", ["photo.jpg"])
 """
+
 from .config import ClassifyConfig, DetectConfig
 from .errors import UserError
 
 __version__ = "0.1.0"
-__all__ = ["ClassifyConfig", "DetectConfig", "UserError", "build_classifier", "fit", "evaluate", "predict", "build_detector", "fit_detector"]
+__all__ = [
+    "ClassifyConfig",
+    "DetectConfig",
+    "UserError",
+    "build_classifier",
+    "fit",
+    "evaluate",
+    "predict",
+    "build_detector",
+    "fit_detector",
+]
 
 
 def build_classifier(model: str = "efficientnet_lite0", num_classes: int = 2, weights: str | None = None, head: str = "linear"):

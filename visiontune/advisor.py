@@ -15,6 +15,7 @@ Rules: no pretrained weights -> full; very similar -> linear; small and similar 
 dissimilar -> partial with few trainable stages; large and low compute -> linear; large and similar ->
 partial; large and dissimilar -> full.
 """
+
 from __future__ import annotations
 
 import random
@@ -61,18 +62,29 @@ def decide(images_per_class: float, probe_score: float | None, estimated_full_se
         return Advice("linear", f"the pretrained features already separate the classes ({similarity}): train only a new head")
     similar = probe_score >= SIMILAR_SCORE
     if small and similar:
-        return Advice("linear", f"{size} and similar to the pretraining data ({similarity}): a new head on the frozen base "
-                                "learns well and cannot overfit the base")
+        return Advice(
+            "linear",
+            f"{size} and similar to the pretraining data ({similarity}): a new head on the frozen base "
+            "learns well and cannot overfit the base",
+        )
     if small:
         few = max(1, num_stages // 4)
-        return Advice("partial", f"{size} but unlike the pretraining data ({similarity}): keep the generic early stages "
-                                 f"frozen and let only the last {few} stage(s) adapt", trainable_stages=few)
+        return Advice(
+            "partial",
+            f"{size} but unlike the pretraining data ({similarity}): keep the generic early stages "
+            f"frozen and let only the last {few} stage(s) adapt",
+            trainable_stages=few,
+        )
     if estimated_full_seconds is not None and estimated_full_seconds > LOW_COMPUTE_SECONDS:
-        return Advice("linear", f"{size}, but full fine-tuning would take about {estimated_full_seconds / 60:.0f} min on this "
-                                f"device (low compute; {similarity}): train a head on cached features")
+        return Advice(
+            "linear",
+            f"{size}, but full fine-tuning would take about {estimated_full_seconds / 60:.0f} min on this "
+            f"device (low compute; {similarity}): train a head on cached features",
+        )
     if similar:
-        return Advice("partial", f"{size} and similar to the pretraining data ({similarity}): fine-tune the last stages, "
-                                 "keep the early ones")
+        return Advice(
+            "partial", f"{size} and similar to the pretraining data ({similarity}): fine-tune the last stages, keep the early ones"
+        )
     return Advice("full", f"{size} and unlike the pretraining data ({similarity}): enough data to adapt every layer")
 
 
@@ -107,8 +119,12 @@ def choose_strategy(cfg: ClassifyConfig) -> Advice:
     train_s, _ = find_splits(cfg.data, cfg.val_data, cfg.val_split, cfg.seed)
     counts = train_s.counts()
     per_class = len(train_s) / len(train_s.classes)
-    measurements = {"train_images": len(train_s), "classes": len(train_s.classes), "images_per_class": round(per_class, 1),
-                    "smallest_class": min(counts.values())}
+    measurements = {
+        "train_images": len(train_s),
+        "classes": len(train_s.classes),
+        "images_per_class": round(per_class, 1),
+        "smallest_class": min(counts.values()),
+    }
     backbone = build_backbone(cfg.model, cfg.weights)
     probe_score = estimated = None
     if backbone.pretrained != "none":
@@ -119,17 +135,27 @@ def choose_strategy(cfg: ClassifyConfig) -> Advice:
         sample = _probe_sample(train_s, PROBE_PER_CLASS, cfg.seed)
         images, labels, _ = decode_all(sample, resize, skip_bad=True)
         start = time.perf_counter()
-        feats, ys = extract(backbone.module.to(device), DecodedImages(images, labels, classification_eval(size, resize, prep.mean, prep.std)),
-                            desc="advisor: features", progress=not cfg.quiet)
+        feats, ys = extract(
+            backbone.module.to(device),
+            DecodedImages(images, labels, classification_eval(size, resize, prep.mean, prep.std)),
+            desc="advisor: features",
+            progress=not cfg.quiet,
+        )
         per_second = len(ys) / max(1e-6, time.perf_counter() - start)
         accuracy = linear_probe_accuracy(feats.cpu(), ys, cfg.seed)
         chance = max(torch.bincount(ys).tolist()) / len(ys)
         probe_score = max(0.0, (accuracy - chance) / (1 - chance)) if accuracy == accuracy else 0.0
         full_epochs = cfg.epochs or recipe_for(cfg.recipe, "full").epochs
         estimated = full_epochs * len(train_s) * BACKWARD_COST / per_second
-        measurements.update(probe_images=len(ys), probe_accuracy=round(accuracy, 4), chance_accuracy=round(chance, 4),
-                            probe_score=round(probe_score, 4), feature_images_per_second=round(per_second, 1),
-                            estimated_full_finetune_seconds=float(f"{estimated:.3g}"), device=str(device))
+        measurements.update(
+            probe_images=len(ys),
+            probe_accuracy=round(accuracy, 4),
+            chance_accuracy=round(chance, 4),
+            probe_score=round(probe_score, 4),
+            feature_images_per_second=round(per_second, 1),
+            estimated_full_finetune_seconds=float(f"{estimated:.3g}"),
+            device=str(device),
+        )
     else:
         measurements["pretrained"] = "none"
     advice = decide(per_class, probe_score, estimated, len(backbone.stages))

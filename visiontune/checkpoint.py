@@ -5,6 +5,7 @@ the architecture name, class names, preprocessing, strategy, metrics and a SHA-2
 A training checkpoint (``last.safetensors``) adds the optimizer, scheduler and RNG states for resume.
 Every write is atomic (temporary file, flush, fsync, rename), so a crash never leaves half a file.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -113,6 +114,7 @@ def load_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
 
 # ------------------------------------------------------------------------- training state
 
+
 def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     np_state = np.random.get_state()
     tensors = {"rng/torch": torch.get_rng_state(), "rng/numpy_keys": torch.from_numpy(np_state[1].astype(np.int64))}
@@ -156,12 +158,16 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def save_training_state(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, meta: dict[str, Any]) -> None:
+def save_training_state(
+    path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, meta: dict[str, Any]
+) -> None:
     """Everything needed to resume: model, optimizer, scheduler, RNG, and the caller's progress in ``meta``."""
     opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
     rng_tensors, rng_meta = rng_state()
     tensors = {f"model/{k}": v for k, v in model.state_dict().items()} | opt_tensors | rng_tensors
-    meta = _with_ours(meta, kind="training_state", optimizer=opt_meta, scheduler=scheduler.state_dict() if scheduler else None, rng=rng_meta)
+    meta = _with_ours(
+        meta, kind="training_state", optimizer=opt_meta, scheduler=scheduler.state_dict() if scheduler else None, rng=rng_meta
+    )
     _save(path, tensors, meta)
 
 
@@ -171,12 +177,16 @@ def load_training_state(path: str | Path, model: torch.nn.Module, optimizer: tor
         raise UserError(f"{path}: not a training checkpoint")
     opt_sd = _unflatten_optimizer(tensors, meta["optimizer"])
     if len(opt_sd["param_groups"]) != len(optimizer.param_groups):
-        raise UserError(f"{path}: the checkpoint has {len(opt_sd['param_groups'])} parameter groups, this run {len(optimizer.param_groups)}; resume with the same settings")
+        raise UserError(
+            f"{path}: the checkpoint has {len(opt_sd['param_groups'])} parameter groups, this run {len(optimizer.param_groups)}; resume with the same settings"
+        )
     try:
         model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model/")})
         optimizer.load_state_dict(opt_sd)
     except (RuntimeError, ValueError, KeyError) as e:
-        raise UserError(f"{path}: does not fit this run's model or optimizer ({str(e).strip().splitlines()[0][:160]}); resume with the same settings") from None
+        raise UserError(
+            f"{path}: does not fit this run's model or optimizer ({str(e).strip().splitlines()[0][:160]}); resume with the same settings"
+        ) from None
     if scheduler is not None and meta.get("scheduler") is not None:
         scheduler.load_state_dict(meta["scheduler"])
     set_rng_state(tensors, meta["rng"])
@@ -203,9 +213,19 @@ def resume_loader(loader, batches_done: int):
         def __len__(self):
             return max(0, len(self.sampler) - self.n)
 
-    common = dict(collate_fn=loader.collate_fn, num_workers=loader.num_workers, pin_memory=loader.pin_memory,
-                  worker_init_fn=loader.worker_init_fn, generator=torch.Generator())
+    common = dict(
+        collate_fn=loader.collate_fn,
+        num_workers=loader.num_workers,
+        pin_memory=loader.pin_memory,
+        worker_init_fn=loader.worker_init_fn,
+        generator=torch.Generator(),
+    )
     if loader.batch_size is None:  # batches from a batch sampler of its own (detection's aspect-ratio groups)
         return DataLoader(loader.dataset, batch_sampler=Skipping(loader.batch_sampler, batches_done), **common)
-    return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=Skipping(loader.sampler, batches_done * loader.batch_size),
-                      drop_last=loader.drop_last, **common)
+    return DataLoader(
+        loader.dataset,
+        batch_size=loader.batch_size,
+        sampler=Skipping(loader.sampler, batches_done * loader.batch_size),
+        drop_last=loader.drop_last,
+        **common,
+    )

@@ -3,6 +3,7 @@
 Settings come from the config dataclasses' defaults, then ``--config FILE.yaml``, then flags (flags win).
 A user's mistake prints one line and exits 2; it never shows a traceback.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -74,10 +75,13 @@ def _checked_types(values: dict, cls, source: str) -> dict:
             close = difflib.get_close_matches(k, types, n=1)
             raise UserError(f"--config {source}: unknown setting {k!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
         base = t.replace(" | None", "")
-        ok = ((v is None and t.endswith("| None")) or (base == "bool" and isinstance(v, bool))
-              or (base == "int" and isinstance(v, int) and not isinstance(v, bool))
-              or (base == "float" and isinstance(v, (int, float)) and not isinstance(v, bool))
-              or (base == "str" and isinstance(v, (str, int, float)) and not isinstance(v, bool)))
+        ok = (
+            (v is None and t.endswith("| None"))
+            or (base == "bool" and isinstance(v, bool))
+            or (base == "int" and isinstance(v, int) and not isinstance(v, bool))
+            or (base == "float" and isinstance(v, (int, float)) and not isinstance(v, bool))
+            or (base == "str" and isinstance(v, (str, int, float)) and not isinstance(v, bool))
+        )
         if not ok:
             want = {"bool": "true or false", "int": "a whole number", "float": "a number", "str": "text"}.get(base, base)
             raise UserError(f"--config {source}: {k}: expected {want}, got {v!r}")

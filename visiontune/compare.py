@@ -4,6 +4,7 @@ Each strategy trains into ``OUT/<strategy>/`` (a normal run, with its own report
 ``compare.json`` and ``compare.md`` hold one row per strategy, ``compare.png`` plots validation accuracy
 against wall time, and the table is printed.
 """
+
 from __future__ import annotations
 
 import csv
@@ -17,12 +18,25 @@ from .runs import check_out_dir, create_out_dir, write_json
 from .strategies import STRATEGIES
 
 DEFAULT_EPOCHS = STRATEGIES["full"].recipe.epochs  # the default recipe's epochs of the strategies that train the base
-COLUMNS = ("strategy", "best_val_accuracy", "best_epoch", "final_val_accuracy", "epochs", "train_seconds", "trainable_params", "total_params")
+COLUMNS = (
+    "strategy",
+    "best_val_accuracy",
+    "best_epoch",
+    "final_val_accuracy",
+    "epochs",
+    "train_seconds",
+    "trainable_params",
+    "total_params",
+)
 
 
 def markdown_table(rows: list[dict]) -> str:
     def cell(v):
-        return f"{v:.4f}" if isinstance(v, float) and v <= 1 else (f"{v:.1f}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v))
+        return (
+            f"{v:.4f}"
+            if isinstance(v, float) and v <= 1
+            else (f"{v:.1f}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v))
+        )
 
     lines = ["| " + " | ".join(c.replace("_", " ") for c in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(cell(r[c]) for c in COLUMNS) + " |" for r in rows]
@@ -38,8 +52,12 @@ def _plot(path: Path, runs: dict[str, list[dict]], rows: list[dict]) -> None:
     params = {r["strategy"]: r["trainable_params"] for r in rows}
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for strategy, history in runs.items():
-        ax.plot([h["elapsed_seconds"] for h in history], [h["val_accuracy"] for h in history], marker="o",
-                label=f"{strategy} ({params[strategy]:,} trainable params)")
+        ax.plot(
+            [h["elapsed_seconds"] for h in history],
+            [h["val_accuracy"] for h in history],
+            marker="o",
+            label=f"{strategy} ({params[strategy]:,} trainable params)",
+        )
     ax.set_xlabel("wall time (s)")
     ax.set_ylabel("validation accuracy")
     ax.set_title("strategies under the same epoch budget")

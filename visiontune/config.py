@@ -1,4 +1,5 @@
 """Settings as plain dataclasses, with YAML load/dump. No logic beyond validation of ranges."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,26 +28,40 @@ class ClassifyConfig:
     out: str = setting("", "run directory to write (model, metrics, report, checkpoints)")
     val_data: str | None = setting(None, "validation class folders, when not DIR/val")
     val_split: float | None = setting(None, "hold out this fraction of each class for validation (seeded, stratified)")
-    model: str = setting("efficientnet_lite0", "backbone: efficientnet_lite0/1/2 (embedded ImageNet weights), a torchvision "
-                                               "name (resnet18, vgg16, googlenet, mobilenet_v2, convnext_tiny, ...) or timm:NAME")
-    weights: str | None = setting(None, "pretrained weights file (.safetensors, or a .pth state dict); 'none' for random init "
-                                        "(default: embedded package, then local cache, then download)")
+    model: str = setting(
+        "efficientnet_lite0",
+        "backbone: efficientnet_lite0/1/2 (embedded ImageNet weights), a torchvision "
+        "name (resnet18, vgg16, googlenet, mobilenet_v2, convnext_tiny, ...) or timm:NAME",
+    )
+    weights: str | None = setting(
+        None,
+        "pretrained weights file (.safetensors, or a .pth state dict); 'none' for random init "
+        "(default: embedded package, then local cache, then download)",
+    )
     strategy: str = setting("linear", "; ".join(f"{s.name}: {s.trains}" for s in STRATEGIES.values()) + f"; {AUTO}: chosen from the data")
     trainable_stages: int | None = setting(None, "partial: how many of the last stages train (default: the last third)")
     freeze_until: str | None = setting(None, "partial: freeze every stage up to and including this one (e.g. blocks.3, layer2)")
-    head: str = setting("linear", "new classifier: linear, mlp (trained), or logreg, svm, knn (scikit-learn on cached "
-                                  "features; --strategy linear)")
-    recipe: str = setting("default", "default (ours), or tutorial (PyTorch's exactly: batch 4, SGD 1e-3 momentum 0.9, "
-                                     "StepLR(7, 0.1), 25 epochs)")
+    head: str = setting(
+        "linear", "new classifier: linear, mlp (trained), or logreg, svm, knn (scikit-learn on cached features; --strategy linear)"
+    )
+    recipe: str = setting(
+        "default", "default (ours), or tutorial (PyTorch's exactly: batch 4, SGD 1e-3 momentum 0.9, StepLR(7, 0.1), 25 epochs)"
+    )
     epochs: int | None = setting(None, "epochs (default: the recipe's; for linear, passes over the cached features)")
-    batch_size: int | None = setting(None, "the global batch: under torchrun each of N processes takes batch-size/N images per "
-                                           "step (it must divide evenly), so a run learns the same on 1 process or N "
-                                           "(default: the recipe's)")
+    batch_size: int | None = setting(
+        None,
+        "the global batch: under torchrun each of N processes takes batch-size/N images per "
+        "step (it must divide evenly), so a run learns the same on 1 process or N "
+        "(default: the recipe's)",
+    )
     lr: float | None = setting(None, "learning rate of the head; the base's is a fraction of it (default: the recipe's)")
     weight_decay: float | None = setting(None, "weight decay (default: the recipe's)")
-    wise_alpha: float | None = setting(None, "full/staged/partial: the model evaluated and kept is alpha * fine-tuned + (1 - alpha) * "
-                                             "pretrained base weights (WiSE-FT); 1 keeps the fine-tuned weights (default: the recipe's, 0.5 for "
-                                             "full, else 1)")
+    wise_alpha: float | None = setting(
+        None,
+        "full/staged/partial: the model evaluated and kept is alpha * fine-tuned + (1 - alpha) * "
+        "pretrained base weights (WiSE-FT); 1 keeps the fine-tuned weights (default: the recipe's, 0.5 for "
+        "full, else 1)",
+    )
     image_size: int | None = setting(None, "training crop size in pixels (default: the backbone's, e.g. 224)")
     views: int | None = setting(None, "augmented views per training image in the feature cache (default: the recipe's)")
     workers: int | None = setting(None, "DataLoader worker processes (default: 0; images are decoded once, in memory)")
@@ -54,15 +69,16 @@ class ClassifyConfig:
     device: str = setting("auto", "auto, cpu, cuda or mps")
     precision: str = setting("auto", "auto (bf16 autocast where the hardware computes bf16 natively, else fp32), bf16 or fp32")
     skip_bad: bool = setting(False, "skip unreadable images (counted in metrics.json) instead of stopping")
-    cache_dir: str | None = setting(None, "feature cache folder; 'none' turns it off (default: $VISIONTUNE_CACHE or "
-                                          "~/.cache/visiontune/features)")
+    cache_dir: str | None = setting(
+        None, "feature cache folder; 'none' turns it off (default: $VISIONTUNE_CACHE or ~/.cache/visiontune/features)"
+    )
     checkpoint_every: int = setting(0, "also save the resumable checkpoint every N steps (0: after each epoch only)")
     quiet: bool = setting(False, "no progress bars or per-epoch lines")
     tensorboard: bool = setting(False, "also log scalars for TensorBoard in RUN/tensorboard (needs the tensorboard package)")
     overwrite: bool = setting(False, "replace an existing run directory")
     sync_bn: bool = setting(False, "under torchrun on CUDA: trainable BatchNorm layers use statistics of the global batch")
 
-    def validate(self) -> "ClassifyConfig":
+    def validate(self) -> ClassifyConfig:
         _check_choice("--strategy", self.strategy, (*STRATEGIES, AUTO))
         _check_choice("--recipe", self.recipe, RECIPES)
         _check_choice("--head", self.head, HEADS)
@@ -95,8 +111,11 @@ class DetectConfig:
     val_annotations: str | None = setting(None, "COCO JSON of --val-data")
     val_split: float | None = setting(None, "hold out this fraction of the images for validation (seeded)")
     val_last: int | None = setting(None, "hold out the last N images for validation (the tutorial: 50)")
-    model: str = setting("maskrcnn", "maskrcnn or fasterrcnn on --backbone, or a torchvision COCO model: maskrcnn_resnet50_fpn(_v2), "
-                                     "fasterrcnn_resnet50_fpn(_v2), fasterrcnn_mobilenet_v3_large_fpn")
+    model: str = setting(
+        "maskrcnn",
+        "maskrcnn or fasterrcnn on --backbone, or a torchvision COCO model: maskrcnn_resnet50_fpn(_v2), "
+        "fasterrcnn_resnet50_fpn(_v2), fasterrcnn_mobilenet_v3_large_fpn",
+    )
     backbone: str | None = setting(None, "classification backbone of the registry for maskrcnn/fasterrcnn (default: efficientnet_lite0)")
     neck: str = setting("fpn", "with --backbone: fpn (strides 8-32) or none (its last feature map, as the tutorial's mobilenet_v2)")
     weights: str | None = setting(None, "COCO weights file for a torchvision detection model (default: local cache, then download)")
@@ -111,11 +130,17 @@ class DetectConfig:
     weight_decay: float = setting(5e-4, "weight decay")
     lr_step: int = setting(3, "divide the learning rate by 10 every N epochs")
     clip_grad: float = setting(5.0, "clip the gradient norm to this (0: off); heads that start from scratch need it")
-    precision: str = setting("auto", "training forward passes: auto (bf16 autocast where the hardware computes bf16 natively, "
-                                     "else fp32), bf16 or fp32; evaluation runs in fp32")
-    rois_per_image: int = setting(512, "region proposals sampled per image to train the box and mask heads (torchvision's and the "
-                                  "tutorial's 512); on Penn-Fudan 256 made a CPU step ~0.86x as long, for 0.01-0.03 less AP "
-                                  "after 5 epochs except bbox AP50")
+    precision: str = setting(
+        "auto",
+        "training forward passes: auto (bf16 autocast where the hardware computes bf16 natively, "
+        "else fp32), bf16 or fp32; evaluation runs in fp32",
+    )
+    rois_per_image: int = setting(
+        512,
+        "region proposals sampled per image to train the box and mask heads (torchvision's and the "
+        "tutorial's 512); on Penn-Fudan 256 made a CPU step ~0.86x as long, for 0.01-0.03 less AP "
+        "after 5 epochs except bbox AP50",
+    )
     workers: int | None = setting(None, "DataLoader worker processes (default: 0)")
     seed: int = setting(0, "random seed")
     device: str = setting("auto", "auto, cpu, cuda or mps")
@@ -125,7 +150,7 @@ class DetectConfig:
     tensorboard: bool = setting(False, "also log scalars for TensorBoard in RUN/tensorboard (needs the tensorboard package)")
     sync_bn: bool = setting(False, "under torchrun on CUDA: trainable BatchNorm layers use statistics of the global batch")
 
-    def validate(self) -> "DetectConfig":
+    def validate(self) -> DetectConfig:
         _check_choice("--format", self.format, ("pennfudan", "coco"))
         _check_choice("--neck", self.neck, ("fpn", "none"))
         _check_range("--epochs", self.epochs, 1, 10_000)
@@ -183,5 +208,3 @@ def from_dict(cls: type, values: dict) -> Any:
     if unknown:
         raise UserError(f"config: unknown setting(s) {', '.join(unknown)}")
     return cls(**values)
-
-

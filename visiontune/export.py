@@ -12,6 +12,7 @@ Mask R-CNN, ``masks`` (N, 1, H, W) probabilities (threshold at 0.5).
 
 ``inference/load.py`` runs such files (``OnnxClassifier``, ``OnnxDetector``) where predict would run the PyTorch model.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,10 +27,14 @@ from .errors import UserError
 from .inference.load import load_classifier, load_detector, read_model_file
 from .meta import ClassifierMeta, DetectorMeta
 
-PREPROCESSING_NOTE = ("RGB; resize the shorter side to resize_size (bilinear, antialiased); center-crop input_size; "
-                      "scale to [0, 1]; subtract mean and divide by std per channel; NCHW float32")
-DETECTION_PREPROCESSING_NOTE = ("ONE RGB image per call, (3, H, W) float32 scaled to [0, 1], any size; the model itself resizes "
-                                "it (shorter side to min_size, longer side at most max_size) and normalizes with mean/std")
+PREPROCESSING_NOTE = (
+    "RGB; resize the shorter side to resize_size (bilinear, antialiased); center-crop input_size; "
+    "scale to [0, 1]; subtract mean and divide by std per channel; NCHW float32"
+)
+DETECTION_PREPROCESSING_NOTE = (
+    "ONE RGB image per call, (3, H, W) float32 scaled to [0, 1], any size; the model itself resizes "
+    "it (shorter side to min_size, longer side at most max_size) and normalizes with mean/std"
+)
 DETECTION_OUTPUTS = ("boxes", "labels", "scores", "masks")
 
 
@@ -79,8 +84,16 @@ def _save_onnx_with(tmp: str, props: dict[str, str]) -> None:
 def _write_onnx(model: torch.nn.Module, example: torch.Tensor, meta: ClassifierMeta, tmp: str) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript-based exporter is deprecated but needs no onnxscript
-        torch.onnx.export(model, (example,), tmp, dynamo=False, input_names=["images"], output_names=["logits"],
-                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17)
+        torch.onnx.export(
+            model,
+            (example,),
+            tmp,
+            dynamo=False,
+            input_names=["images"],
+            output_names=["logits"],
+            dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+            opset_version=17,
+        )
     _save_onnx_with(tmp, _classifier_props(meta))
 
 
@@ -96,8 +109,10 @@ def _export_detector(run: str | Path, fmt: str, out: Path) -> Path:
         raise UserError(f"{run}: detection models export to ONNX only; use --format onnx")
     model, meta = load_detector(run)
     atomic_write(out, lambda tmp: _write_detector_onnx(model, meta, tmp))
-    print(f"wrote {out} (onnx, {meta.model}{' on ' + meta.backbone if meta.backbone else ''}, {_classes_shown(meta)}; "
-          f"one image per call, any size)")
+    print(
+        f"wrote {out} (onnx, {meta.model}{' on ' + meta.backbone if meta.backbone else ''}, {_classes_shown(meta)}; "
+        f"one image per call, any size)"
+    )
     return out
 
 
@@ -110,8 +125,15 @@ def _write_detector_onnx(model: torch.nn.Module, meta: DetectorMeta, tmp: str) -
     example = torch.rand(3, meta.min_size, meta.max_size, generator=torch.Generator().manual_seed(0))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript-based exporter is deprecated but needs no onnxscript
-        torch.onnx.export(model, ([example],), tmp, dynamo=False, input_names=["image"], output_names=outputs,
-                          dynamic_axes=axes, opset_version=17)
-    prep = {"min_size": meta.min_size, "max_size": meta.max_size, "mean": list(model.transform.image_mean),
-            "std": list(model.transform.image_std), "steps": DETECTION_PREPROCESSING_NOTE, "outputs": outputs}
+        torch.onnx.export(
+            model, ([example],), tmp, dynamo=False, input_names=["image"], output_names=outputs, dynamic_axes=axes, opset_version=17
+        )
+    prep = {
+        "min_size": meta.min_size,
+        "max_size": meta.max_size,
+        "mean": list(model.transform.image_mean),
+        "std": list(model.transform.image_std),
+        "steps": DETECTION_PREPROCESSING_NOTE,
+        "outputs": outputs,
+    }
     _save_onnx_with(tmp, _props(meta, prep))

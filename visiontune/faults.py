@@ -8,6 +8,7 @@ COUNT-th time it reaches POINT. Points: ``step`` (after a training step and its 
 ``write-model`` / ``write-last`` (only writes of model.safetensors / last.safetensors).
 Unset (always, outside tests) it costs one dictionary look-up.
 """
+
 from __future__ import annotations
 
 import os

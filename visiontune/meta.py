@@ -3,6 +3,7 @@
 ``ClassifierMeta`` and ``DetectorMeta`` are written by training and read by eval, predict, export and the report.
 ``read_meta`` also reads the files of earlier versions (version 1: the same keys as a plain dict, no version).
 """
+
 from __future__ import annotations
 
 import dataclasses

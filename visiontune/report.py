@@ -9,6 +9,7 @@
   (``bbox_AP``, ``segm_AP50``, ... and ``per_class``), and the rendered predictions beside the ground truth:
   the images in ``RUN/gallery/``, or failing that the PNGs at the top of the run directory.
 """
+
 from __future__ import annotations
 
 import base64
@@ -30,6 +31,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 # ------------------------------------------------------------------------------ data written during training
 
+
 def gallery_order(labels: list[int], preds: list[int], confidences: list[float]) -> list[int]:
     """Mistakes first (the most confident mistakes on top), then correct ones, least confident first."""
     wrong = [i for i in range(len(labels)) if preds[i] != labels[i]]
@@ -48,17 +50,23 @@ def _thumbnail_jpeg(image: torch.Tensor) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def write_val_predictions(path: Path, images: list[torch.Tensor], logits: torch.Tensor, labels: torch.Tensor,
-                          classes: list[str], paths: list[str] | None = None) -> None:
+def write_val_predictions(
+    path: Path, images: list[torch.Tensor], logits: torch.Tensor, labels: torch.Tensor, classes: list[str], paths: list[str] | None = None
+) -> None:
     """Every validation prediction, in gallery order, with thumbnails for the first ``GALLERY_SIZE``."""
     probs = logits.float().softmax(1)
     conf, pred = probs.max(1)
     order = gallery_order(labels.tolist(), pred.tolist(), conf.tolist())
     items = []
     for rank, i in enumerate(order):
-        item = {"index": i, "true": classes[int(labels[i])], "predicted": classes[int(pred[i])],
-                "confidence": round(float(conf[i]), 6), "correct": bool(pred[i] == labels[i]),
-                "probabilities": [round(float(p), 6) for p in probs[i]]}
+        item = {
+            "index": i,
+            "true": classes[int(labels[i])],
+            "predicted": classes[int(pred[i])],
+            "confidence": round(float(conf[i]), 6),
+            "correct": bool(pred[i] == labels[i]),
+            "probabilities": [round(float(p), 6) for p in probs[i]],
+        }
         if paths is not None:
             item["path"] = str(paths[i])
         if rank < GALLERY_SIZE:
@@ -68,6 +76,7 @@ def write_val_predictions(path: Path, images: list[torch.Tensor], logits: torch.
 
 
 # ------------------------------------------------------------------------------ reading the run
+
 
 def _read_json(path: Path) -> dict | None:
     try:
@@ -95,6 +104,7 @@ def _run_task(metrics: dict) -> str:
 
 # ------------------------------------------------------------------------------ pictures
 
+
 def _png_base64(draw) -> str:
     buf = io.BytesIO()
     draw(buf)
@@ -114,8 +124,11 @@ def _curves(history: list[dict]) -> str:
     from matplotlib.ticker import MaxNLocator
 
     skip = {"epoch", "lr", "elapsed_seconds", "train_seconds", "train_images_per_second"}
-    keys = [k for k in dict.fromkeys(k for h in history for k in h)
-            if k not in skip and any(isinstance(h.get(k), (int, float)) and not isinstance(h.get(k), bool) for h in history)]
+    keys = [
+        k
+        for k in dict.fromkeys(k for h in history for k in h)
+        if k not in skip and any(isinstance(h.get(k), (int, float)) and not isinstance(h.get(k), bool) for h in history)
+    ]
     panels = [("loss", [k for k in keys if "loss" in k]), ("accuracy / AP", [k for k in keys if "accuracy" in k or "AP" in k])]
     panels = [(title, ks) for title, ks in panels if ks]
     if not panels:
@@ -140,11 +153,15 @@ def _curves(history: list[dict]) -> str:
 def _confusion(metrics: dict) -> str:
     from .visualize import confusion_matrix_png
 
-    return _img(_png_base64(lambda buf: confusion_matrix_png(buf, metrics["confusion_matrix"], metrics["classes"])),
-                "confusion matrix", cls="confusion")
+    return _img(
+        _png_base64(lambda buf: confusion_matrix_png(buf, metrics["confusion_matrix"], metrics["classes"])),
+        "confusion matrix",
+        cls="confusion",
+    )
 
 
 # ------------------------------------------------------------------------------ sections
+
 
 def _fmt(v) -> str:
     if isinstance(v, float):
@@ -161,12 +178,26 @@ def _table(header: list[str], rows: list[list]) -> str:
 
 
 def _summary(metrics: dict, task: str) -> str:
-    keys = ["model", "strategy", "head", "recipe", "epochs", "best_val_accuracy", "best_epoch", "final_val_accuracy",
-            "train_seconds", "trainable_params", "total_params"]
+    keys = [
+        "model",
+        "strategy",
+        "head",
+        "recipe",
+        "epochs",
+        "best_val_accuracy",
+        "best_epoch",
+        "final_val_accuracy",
+        "train_seconds",
+        "trainable_params",
+        "total_params",
+    ]
     rows = [[k.replace("_", " "), metrics[k]] for k in keys if k in metrics]
     if task != "classification":
-        rows = [[k.replace("_", " "), v] for k, v in metrics.items()
-                if isinstance(v, (str, int, float)) and not isinstance(v, bool) and not k.startswith(("bbox_", "segm_"))]
+        rows = [
+            [k.replace("_", " "), v]
+            for k, v in metrics.items()
+            if isinstance(v, (str, int, float)) and not isinstance(v, bool) and not k.startswith(("bbox_", "segm_"))
+        ]
     return _table(["", "value"], rows) if rows else "<p>metrics.json is missing: the run did not finish.</p>"
 
 
@@ -175,8 +206,10 @@ def _advice(metrics: dict) -> str:
     if not advice:
         return ""
     rows = [[k.replace("_", " "), v] for k, v in advice.get("measurements", {}).items()]
-    return (f"<section><h2>Strategy advisor</h2><p>Chose <b>{html.escape(advice['strategy'])}</b>: "
-            f"{html.escape(advice['reason'])}</p>{_table(['measurement', 'value'], rows)}</section>")
+    return (
+        f"<section><h2>Strategy advisor</h2><p>Chose <b>{html.escape(advice['strategy'])}</b>: "
+        f"{html.escape(advice['reason'])}</p>{_table(['measurement', 'value'], rows)}</section>"
+    )
 
 
 def _per_class(metrics: dict) -> str:
@@ -195,10 +228,13 @@ def _classification_gallery(preds: dict | None) -> str:
         mark = "" if it["correct"] else " ✗"
         cards.append(
             f'<figure class="{"ok" if it["correct"] else "wrong"}">{_img(it["thumbnail_jpeg"], name, "image/jpeg")}'
-            f'<figcaption>pred <b>{html.escape(it["predicted"])}</b> ({it["confidence"]:.2f}){mark}<br>'
-            f'true {html.escape(it["true"])}<br><small>{html.escape(name)}</small></figcaption></figure>')
-    return (f"<p>{mistakes} mistake(s) of {len(preds['items'])} validation images; showing {len(items)}, mistakes first.</p>"
-            f'<div class="gallery">{"".join(cards)}</div>')
+            f"<figcaption>pred <b>{html.escape(it['predicted'])}</b> ({it['confidence']:.2f}){mark}<br>"
+            f"true {html.escape(it['true'])}<br><small>{html.escape(name)}</small></figcaption></figure>"
+        )
+    return (
+        f"<p>{mistakes} mistake(s) of {len(preds['items'])} validation images; showing {len(items)}, mistakes first.</p>"
+        f'<div class="gallery">{"".join(cards)}</div>'
+    )
 
 
 def _ap_table(metrics: dict) -> str:
@@ -206,7 +242,9 @@ def _ap_table(metrics: dict) -> str:
     kinds = [k for k in ("bbox", "segm") if any(key.startswith(k + "_") for key in metrics)]
     if not kinds:
         return "<p>No AP numbers in metrics.json.</p>"
-    cols = list(dict.fromkeys(key.split("_", 1)[1] for key in metrics if key.split("_", 1)[0] in kinds and isinstance(metrics[key], (int, float))))
+    cols = list(
+        dict.fromkeys(key.split("_", 1)[1] for key in metrics if key.split("_", 1)[0] in kinds and isinstance(metrics[key], (int, float)))
+    )
     overall = _table(["", *cols], [[k, *[metrics.get(f"{k}_{c}", "") for c in cols]] for k in kinds])
     per_class = metrics.get("per_class") or {}
     class_cols = list(dict.fromkeys(c for v in per_class.values() for c in v))
@@ -224,8 +262,10 @@ def _detection_gallery(run: Path) -> str:
     cards = []
     for p in files:
         mime = "image/png" if p.suffix.lower() == ".png" else "image/jpeg"
-        cards.append(f'<figure class="wide">{_img(base64.b64encode(p.read_bytes()).decode("ascii"), p.name, mime)}'
-                     f"<figcaption>{html.escape(p.name)}</figcaption></figure>")
+        cards.append(
+            f'<figure class="wide">{_img(base64.b64encode(p.read_bytes()).decode("ascii"), p.name, mime)}'
+            f"<figcaption>{html.escape(p.name)}</figcaption></figure>"
+        )
     return f'<div class="gallery">{"".join(cards)}</div>'
 
 
@@ -249,22 +289,31 @@ def write_report(run_dir: str | Path) -> Path:
     task = _run_task(metrics)
     history = _read_log(run / "log.jsonl")
     config = (run / "config.yaml").read_text() if (run / "config.yaml").is_file() else "(no config.yaml)"
-    parts = [f"<section><h2>Summary</h2>{_summary(metrics, task)}</section>", _advice(metrics),
-             f"<section><h2>Training curves</h2>{_curves(history) if history else '<p>No log.jsonl entries.</p>'}</section>"]
+    parts = [
+        f"<section><h2>Summary</h2>{_summary(metrics, task)}</section>",
+        _advice(metrics),
+        f"<section><h2>Training curves</h2>{_curves(history) if history else '<p>No log.jsonl entries.</p>'}</section>",
+    ]
     if task == "classification":
         if "confusion_matrix" in metrics:
-            parts.append(f'<section><h2>Confusion matrix and per-class metrics</h2><div class="row">{_confusion(metrics)}'
-                         f"{_per_class(metrics)}</div></section>")
-        parts.append(f"<section><h2>Validation predictions</h2>{_classification_gallery(_read_json(run / 'val_predictions.json'))}</section>")
+            parts.append(
+                f'<section><h2>Confusion matrix and per-class metrics</h2><div class="row">{_confusion(metrics)}'
+                f"{_per_class(metrics)}</div></section>"
+            )
+        parts.append(
+            f"<section><h2>Validation predictions</h2>{_classification_gallery(_read_json(run / 'val_predictions.json'))}</section>"
+        )
     else:
         parts.append(f"<section><h2>Average precision</h2>{_ap_table(metrics)}</section>")
         parts.append(f"<section><h2>Predictions beside the ground truth</h2>{_detection_gallery(run)}</section>")
     parts.append(f"<section><h2>Settings (config.yaml)</h2><pre>{html.escape(config)}</pre></section>")
     title = f"visiontune {task} run: {run.resolve().name}"
-    page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-            f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
-            f'<p class="sub">{html.escape(str(run.resolve()))} · report written {datetime.now():%Y-%m-%d %H:%M}</p>'
-            f'{"".join(parts)}</body></html>\n')
+    page = (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
+        f'<p class="sub">{html.escape(str(run.resolve()))} · report written {datetime.now():%Y-%m-%d %H:%M}</p>'
+        f"{''.join(parts)}</body></html>\n"
+    )
     path = run / "report.html"
     atomic_write_text(path, page)
     return path

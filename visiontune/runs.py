@@ -1,6 +1,7 @@
 """The run directory: refuse to clobber an earlier run, check it is writable before any training; the settings a
 resumed run keeps. Task-independent: every task's runs share these helpers.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -91,6 +92,7 @@ def write_jsonl(path: Path, rows: list) -> None:
 
 # ------------------------------------------------------------------------- resume settings
 
+
 def saved_settings(out: str | Path) -> dict:
     """The settings a run was started with (RUN/config.yaml)."""
     import yaml
@@ -109,14 +111,17 @@ def saved_settings(out: str | Path) -> dict:
 
 def check_same_settings(saved: dict, now: dict, out: str | Path) -> None:
     """Refuse to resume with settings that change what is computed (anything not in MAY_CHANGE_ON_RESUME)."""
+
     def same(a, b):
         return a == b or (isinstance(a, (int, float)) and isinstance(b, (int, float)) and float(a) == float(b))
 
     differ = [k for k in now if k not in MAY_CHANGE_ON_RESUME and k in saved and not same(now[k], saved[k])]
     if differ:
         k = differ[0]
-        raise UserError(f"--resume: --{k.replace('_', '-')} {now[k]} differs from the run's {saved[k]} ({Path(out) / MARKER}); "
-                        f"a resumed run keeps its settings: leave the flag out, or start a new run")
+        raise UserError(
+            f"--resume: --{k.replace('_', '-')} {now[k]} differs from the run's {saved[k]} ({Path(out) / MARKER}); "
+            f"a resumed run keeps its settings: leave the flag out, or start a new run"
+        )
 
 
 def resume_config(cfg, given: dict | None = None):

@@ -11,6 +11,7 @@ frozen modules stay in eval mode, so BatchNorm running statistics never move.
 A recipe fills in every setting the user left out; explicit settings always win. ``--recipe tutorial`` is
 PyTorch's transfer-learning tutorial, reproduced exactly, for every strategy.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -73,24 +74,84 @@ class Strategy:
 # seed; with alpha 0.5 this recipe then measured 0.954/0.961/0.954, mean 0.956, in 59 s (bench/classify.py
 # --repeats 3 --strategies full,staged). staged with alpha 0.5 measured 0.948/0.935/0.948 (mean 0.943, as without),
 # so it keeps its fine-tuned weights.
-STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
-    Strategy("linear", "frozen base, new head only (fixed feature extractor)",
-             "little data or compute, data similar to the pretraining data",
-             Recipe(optimizer="adamw", lr=1e-3, weight_decay=1e-4, batch_size=64, epochs=30, schedule="cosine",
-                    use_feature_cache=True, views=2, crop_scale_min=0.25), frozen_base=True),
-    Strategy("partial", "first stages frozen, the rest and a new head train",
-             "large data similar to the pretraining data (small data and a big model risk overfitting)",
-             Recipe(optimizer="adamw", lr=1e-3, weight_decay=1e-2, batch_size=16, epochs=4, schedule="cosine",
-                    warmup_epochs=0.5, label_smoothing=0.1, backbone_lr_scale=0.1, crop_scale_min=0.25)),
-    Strategy("full", "all weights train", "large data unlike the pretraining data",
-             Recipe(optimizer="adamw", lr=1e-3, weight_decay=1e-2, batch_size=16, epochs=4, schedule="cosine",
-                    warmup_epochs=0.5, label_smoothing=0.1, backbone_lr_scale=0.3, crop_scale_min=0.25, wise_alpha=0.5)),
-    Strategy("staged", "head first, then all with a lower base LR",
-             "as full, when a new head trained from scratch would first disturb the base",
-             Recipe(optimizer="adamw", lr=1e-3, weight_decay=1e-2, batch_size=16, epochs=4, schedule="cosine",
-                    warmup_epochs=0.5, label_smoothing=0.1, backbone_lr_scale=0.1, crop_scale_min=0.25,
-                    use_feature_cache=True, views=2, head_epochs=1, head_lr=1e-3)),
-)}
+STRATEGIES: dict[str, Strategy] = {
+    s.name: s
+    for s in (
+        Strategy(
+            "linear",
+            "frozen base, new head only (fixed feature extractor)",
+            "little data or compute, data similar to the pretraining data",
+            Recipe(
+                optimizer="adamw",
+                lr=1e-3,
+                weight_decay=1e-4,
+                batch_size=64,
+                epochs=30,
+                schedule="cosine",
+                use_feature_cache=True,
+                views=2,
+                crop_scale_min=0.25,
+            ),
+            frozen_base=True,
+        ),
+        Strategy(
+            "partial",
+            "first stages frozen, the rest and a new head train",
+            "large data similar to the pretraining data (small data and a big model risk overfitting)",
+            Recipe(
+                optimizer="adamw",
+                lr=1e-3,
+                weight_decay=1e-2,
+                batch_size=16,
+                epochs=4,
+                schedule="cosine",
+                warmup_epochs=0.5,
+                label_smoothing=0.1,
+                backbone_lr_scale=0.1,
+                crop_scale_min=0.25,
+            ),
+        ),
+        Strategy(
+            "full",
+            "all weights train",
+            "large data unlike the pretraining data",
+            Recipe(
+                optimizer="adamw",
+                lr=1e-3,
+                weight_decay=1e-2,
+                batch_size=16,
+                epochs=4,
+                schedule="cosine",
+                warmup_epochs=0.5,
+                label_smoothing=0.1,
+                backbone_lr_scale=0.3,
+                crop_scale_min=0.25,
+                wise_alpha=0.5,
+            ),
+        ),
+        Strategy(
+            "staged",
+            "head first, then all with a lower base LR",
+            "as full, when a new head trained from scratch would first disturb the base",
+            Recipe(
+                optimizer="adamw",
+                lr=1e-3,
+                weight_decay=1e-2,
+                batch_size=16,
+                epochs=4,
+                schedule="cosine",
+                warmup_epochs=0.5,
+                label_smoothing=0.1,
+                backbone_lr_scale=0.1,
+                crop_scale_min=0.25,
+                use_feature_cache=True,
+                views=2,
+                head_epochs=1,
+                head_lr=1e-3,
+            ),
+        ),
+    )
+}
 AUTO = "auto"  # --strategy auto: the advisor chooses one of STRATEGIES from the data
 RECIPES = ("default", "tutorial")
 
@@ -128,8 +189,16 @@ def stage_prefixes(stages: list[tuple[str, tuple[str, ...]]], names: list[str]) 
     return tuple(p for n in names for p in by_name[n])
 
 
-def plan(strategy: str, stages, epochs: int, *, trainable_stages: int | None = None, freeze_until: str | None = None,
-         head_epochs: int | None = None, backbone_lr_scale: float = 0.1) -> list[Phase]:
+def plan(
+    strategy: str,
+    stages,
+    epochs: int,
+    *,
+    trainable_stages: int | None = None,
+    freeze_until: str | None = None,
+    head_epochs: int | None = None,
+    backbone_lr_scale: float = 0.1,
+) -> list[Phase]:
     """The phases of a run, in order. Their epochs add up to ``epochs``."""
     if strategy == "full":
         return [Phase("full", (), backbone_lr_scale, epochs)]

@@ -1,4 +1,5 @@
 """Pictures of what a model predicts: prediction grids (mistakes marked), confusion matrices, detections drawn."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,8 +18,9 @@ def denormalize(x: torch.Tensor, mean, std) -> torch.Tensor:
     return (x * s + m).clamp(0, 1).permute(1, 2, 0)
 
 
-def prediction_grid_png(path: Path, dataset, logits: torch.Tensor, labels: torch.Tensor, classes: list[str], preprocessing: dict,
-                        max_images: int = 16) -> None:
+def prediction_grid_png(
+    path: Path, dataset, logits: torch.Tensor, labels: torch.Tensor, classes: list[str], preprocessing: dict, max_images: int = 16
+) -> None:
     """Validation images with predicted and true labels; mistakes first, in red (the tutorial's visualize_model)."""
     probs = logits.softmax(1)
     pred = probs.argmax(1)
@@ -34,8 +36,11 @@ def prediction_grid_png(path: Path, dataset, logits: torch.Tensor, labels: torch
         x, _ = dataset[i]
         ax.imshow(denormalize(x, preprocessing["mean"], preprocessing["std"]).numpy())
         ok = pred[i] == labels[i]
-        ax.set_title(f"pred: {classes[pred[i]]} ({probs[i, pred[i]]:.2f})\ntrue: {classes[labels[i]]}" + ("" if ok else "  ✗"),
-                     color="green" if ok else "red", fontsize=9)
+        ax.set_title(
+            f"pred: {classes[pred[i]]} ({probs[i, pred[i]]:.2f})\ntrue: {classes[labels[i]]}" + ("" if ok else "  ✗"),
+            color="green" if ok else "red",
+            fontsize=9,
+        )
     fig.suptitle(f"validation predictions: {len(wrong)} mistake(s) of {len(labels)}", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=80)

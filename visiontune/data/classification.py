@@ -6,6 +6,7 @@ seeded, stratified ``val_split``, or an explicit ``val_data`` folder.
 Only real image files count (see ``images.IMAGE_EXTENSIONS``). GIFs are skipped with a warning: in the
 wild they are placeholders or animations, not photos of the class (hymenoptera ships ``imageNotFound.gif``).
 """
+
 from __future__ import annotations
 
 import logging
@@ -84,7 +85,9 @@ def split_stratified(samples: Samples, fraction: float, seed: int) -> tuple[Samp
     return Samples(sorted(train), samples.classes, samples.skipped), Samples(sorted(val), samples.classes)
 
 
-def find_splits(data: str | Path, val_data: str | Path | None = None, val_split: float | None = None, seed: int = 0) -> tuple[Samples, Samples]:
+def find_splits(
+    data: str | Path, val_data: str | Path | None = None, val_split: float | None = None, seed: int = 0
+) -> tuple[Samples, Samples]:
     """The train and validation samples for a classification run, with the same classes in both."""
     if data is None or not str(data).strip():
         raise UserError("--data: required: a folder with train/ and val/ class folders, or class folders and --val-split")

@@ -5,6 +5,7 @@ Category ids may be anything: they are remapped to 1..K in increasing id order, 
 ``file_name`` must stay inside the image root. Crowd annotations are left out of training, as torchvision's
 reference scripts do.
 """
+
 from __future__ import annotations
 
 import json
@@ -87,8 +88,10 @@ def load_coco(image_root: str | Path, annotations: str | Path) -> InstanceData:
     with_seg = sum(1 for a in anns if a.get("segmentation"))
     if 0 < with_seg < len(anns):
         example = next(a for a in anns if not a.get("segmentation"))
-        raise UserError(f"{json_path}: {with_seg} of {len(anns)} annotations have a segmentation, annotation "
-                        f"{example.get('id', '?')} has none; give all of them masks, or none (boxes only)")
+        raise UserError(
+            f"{json_path}: {with_seg} of {len(anns)} annotations have a segmentation, annotation "
+            f"{example.get('id', '?')} has none; give all of them masks, or none (boxes only)"
+        )
     has_masks = with_seg > 0
     by_image: dict = {}
     image_ids = {im["id"] for im in doc["images"]}
@@ -119,8 +122,16 @@ def load_coco(image_root: str | Path, annotations: str | Path) -> InstanceData:
         keep = drop_degenerate(box_t)
         dropped += int((~keep).sum())
         mask_t = torch.from_numpy(np.stack(masks)) if masks else torch.zeros((0, h, w), dtype=torch.uint8)
-        records.append(Record(str(path), TF.pil_to_tensor(image), box_t[keep], torch.tensor(labels, dtype=torch.int64).reshape(-1)[keep],
-                              mask_t[keep] if has_masks else None, index + 1))
+        records.append(
+            Record(
+                str(path),
+                TF.pil_to_tensor(image),
+                box_t[keep],
+                torch.tensor(labels, dtype=torch.int64).reshape(-1)[keep],
+                mask_t[keep] if has_masks else None,
+                index + 1,
+            )
+        )
     if not records:
         raise UserError(f"{json_path}: no images")
     warn_dropped(dropped, str(json_path))
@@ -137,15 +148,20 @@ def to_coco_api(records: list[Record], classes: list[str]):
         images.append({"id": r.image_id, "height": h, "width": w, "file_name": Path(r.path).name})
         for j in range(len(r.boxes)):
             x1, y1, x2, y2 = r.boxes[j].tolist()
-            ann = {"id": len(annotations) + 1, "image_id": r.image_id, "category_id": int(r.labels[j]),
-                   "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0}
+            ann = {
+                "id": len(annotations) + 1,
+                "image_id": r.image_id,
+                "category_id": int(r.labels[j]),
+                "bbox": [x1, y1, x2 - x1, y2 - y1],
+                "area": (x2 - x1) * (y2 - y1),
+                "iscrowd": 0,
+            }
             if r.masks is not None:
                 rle = mask_utils.encode(np.asfortranarray(r.masks[j].numpy()))
                 ann["segmentation"] = rle
                 ann["area"] = float(mask_utils.area(rle))
             annotations.append(ann)
     coco = COCO()
-    coco.dataset = {"images": images, "annotations": annotations,
-                    "categories": [{"id": i + 1, "name": n} for i, n in enumerate(classes)]}
+    coco.dataset = {"images": images, "annotations": annotations, "categories": [{"id": i + 1, "name": n} for i, n in enumerate(classes)]}
     coco.createIndex()
     return coco

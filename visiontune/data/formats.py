@@ -1,4 +1,5 @@
 """Detection data by ``--format``: Penn-Fudan folders or COCO JSON, split into training and validation records."""
+
 from __future__ import annotations
 
 from ..config import DetectConfig

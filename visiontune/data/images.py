@@ -1,4 +1,5 @@
 """Reading one image safely: every mode to RGB, EXIF rotation applied, bad files named."""
+
 from __future__ import annotations
 
 import warnings

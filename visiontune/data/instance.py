@@ -5,6 +5,7 @@ instance ids (0 background, 1..N objects). Boxes are derived from the masks (the
 disagree with the masks, e.g. PennPed00027 by 6 px). An all-zero mask is a valid image with no objects.
 Each image is decoded once and kept in memory; ``DetectionDataset`` only flips and scales per step.
 """
+
 from __future__ import annotations
 
 import logging
@@ -66,14 +67,23 @@ def warn_dropped(count: int, where: str) -> None:
 
 # --------------------------------------------------------------------------------------------- Penn-Fudan
 
+
 def read_instance_mask(path: Path, image_size: tuple[int, int]) -> np.ndarray:
     """An 8-bit instance-id mask the size of its image (``image_size`` = (width, height))."""
     try:
         with Image.open(path) as im:
             mode, size = im.mode, im.size
             if mode != "L":
-                kind = {"P": "a palette", "I;16": "a 16-bit", "I;16B": "a 16-bit", "I;16L": "a 16-bit", "I": "a 32-bit",
-                        "RGB": "an RGB", "RGBA": "an RGBA", "1": "a 1-bit"}.get(mode, f"a {mode}")
+                kind = {
+                    "P": "a palette",
+                    "I;16": "a 16-bit",
+                    "I;16B": "a 16-bit",
+                    "I;16L": "a 16-bit",
+                    "I": "a 32-bit",
+                    "RGB": "an RGB",
+                    "RGBA": "an RGBA",
+                    "1": "a 1-bit",
+                }.get(mode, f"a {mode}")
                 raise UserError(f"{path}: {kind} mask; expected an 8-bit grayscale (mode L) image of instance ids 0..255")
             if size != image_size:
                 raise UserError(f"{path}: mask is {size[0]}x{size[1]} but its image is {image_size[0]}x{image_size[1]}")
@@ -123,13 +133,22 @@ def load_pennfudan(root: str | Path, class_name: str = "object") -> InstanceData
         boxes = masks_to_boxes(masks) if len(masks) else torch.zeros((0, 4))
         keep = drop_degenerate(boxes)
         dropped += int((~keep).sum())
-        records.append(Record(str(img_path), TF.pil_to_tensor(image), boxes[keep].float(),
-                              torch.ones(int(keep.sum()), dtype=torch.int64), masks[keep], i + 1))
+        records.append(
+            Record(
+                str(img_path),
+                TF.pil_to_tensor(image),
+                boxes[keep].float(),
+                torch.ones(int(keep.sum()), dtype=torch.int64),
+                masks[keep],
+                i + 1,
+            )
+        )
     warn_dropped(dropped, str(root))
     return InstanceData(records, [class_name], [1], True, dropped)
 
 
 # --------------------------------------------------------------------------------------------- splits
+
 
 def split_records(data: InstanceData, val_split: float | None, val_last: int | None, seed: int) -> tuple[list[Record], list[Record]]:
     """The tutorial's split (the last N images as validation), or a seeded random fraction."""
@@ -150,6 +169,7 @@ def split_records(data: InstanceData, val_split: float | None, val_last: int | N
 
 # --------------------------------------------------------------------------------------------- dataset
 
+
 class DetectionDataset(Dataset):
     """Decoded records -> (float image in [0, 1], target dict); training adds a flip that moves boxes and masks."""
 
@@ -166,13 +186,13 @@ class DetectionDataset(Dataset):
 
     def __getitem__(self, i: int):
         r = self.records[i]
-        target = {"boxes": tv_tensors.BoundingBoxes(r.boxes, format="XYXY", canvas_size=r.size), "labels": r.labels,
-                  "image_id": r.image_id}
+        target = {"boxes": tv_tensors.BoundingBoxes(r.boxes, format="XYXY", canvas_size=r.size), "labels": r.labels, "image_id": r.image_id}
         if r.masks is not None:
             target["masks"] = tv_tensors.Mask(r.masks)
         image, target = self.transform(tv_tensors.Image(r.image), target)
-        return image.as_subclass(torch.Tensor), {k: v.as_subclass(torch.Tensor) if isinstance(v, torch.Tensor) else v
-                                                 for k, v in target.items()}
+        return image.as_subclass(torch.Tensor), {
+            k: v.as_subclass(torch.Tensor) if isinstance(v, torch.Tensor) else v for k, v in target.items()
+        }
 
 
 def collate(batch):
@@ -185,7 +205,7 @@ def grouped_batches(dataset: DetectionDataset, batch_size: int, generator: torch
     batches = []
     span = batch_size * chunk
     for start in range(0, len(order), span):
-        window = sorted(order[start:start + span], key=dataset.aspect_ratio)
-        batches += [window[i:i + batch_size] for i in range(0, len(window), batch_size)]
+        window = sorted(order[start : start + span], key=dataset.aspect_ratio)
+        batches += [window[i : i + batch_size] for i in range(0, len(window), batch_size)]
     perm = torch.randperm(len(batches), generator=generator).tolist()
     return [batches[i] for i in perm]

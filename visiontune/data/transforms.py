@@ -1,4 +1,5 @@
 """torchvision.transforms.v2 presets. Mean, std and sizes come in as plain values from the backbone."""
+
 from __future__ import annotations
 
 import torch
@@ -11,7 +12,9 @@ def _normalize(mean, std) -> list:
 
 def classification_train(size: int, mean, std, scale_min: float = 0.08) -> v2.Compose:
     """Random resized crop (the tutorial: torchvision's default scale 0.08-1) and horizontal flip."""
-    return v2.Compose([v2.RandomResizedCrop(size, scale=(scale_min, 1.0), antialias=True), v2.RandomHorizontalFlip(), *_normalize(mean, std)])
+    return v2.Compose(
+        [v2.RandomResizedCrop(size, scale=(scale_min, 1.0), antialias=True), v2.RandomHorizontalFlip(), *_normalize(mean, std)]
+    )
 
 
 def classification_eval(size: int, resize: int, mean, std) -> v2.Compose:

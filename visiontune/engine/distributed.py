@@ -12,13 +12,15 @@ The conventions, the same for classification and detection:
 
 Without torchrun (no ``WORLD_SIZE`` above 1 in the environment) every function here is the one-process no-op.
 """
+
 from __future__ import annotations
 
 import atexit
 import gc
 import logging
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,6 +34,7 @@ log = logging.getLogger("visiontune")
 
 
 # --------------------------------------------------------------------------------------------- who am I
+
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -63,8 +66,9 @@ def init(device: torch.device) -> torch.device:
     if device.type == "cuda":
         local = int(os.environ.get("LOCAL_RANK", "0"))
         if local >= torch.cuda.device_count():
-            raise UserError(f"torchrun: local rank {local} but only {torch.cuda.device_count()} CUDA device(s) on this node; "
-                            "lower --nproc-per-node")
+            raise UserError(
+                f"torchrun: local rank {local} but only {torch.cuda.device_count()} CUDA device(s) on this node; lower --nproc-per-node"
+            )
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
@@ -87,12 +91,15 @@ def barrier() -> None:
 
 # --------------------------------------------------------------------------------------------- data
 
+
 def per_process_batch(batch_size: int, flag: str = "--batch-size") -> int:
     """This process's share of the global batch."""
     n = world_size()
     if batch_size % n:
-        raise UserError(f"{flag} {batch_size} is the global batch: it must divide evenly over the {n} processes "
-                        f"(try {max(n, batch_size // n * n)} or {(batch_size // n + 1) * n})")
+        raise UserError(
+            f"{flag} {batch_size} is the global batch: it must divide evenly over the {n} processes "
+            f"(try {max(n, batch_size // n * n)} or {(batch_size // n + 1) * n})"
+        )
     return batch_size // n
 
 
@@ -137,6 +144,7 @@ def shard(dataset: Dataset) -> Dataset:
 
 
 # --------------------------------------------------------------------------------------------- collectives
+
 
 def _comm_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
@@ -250,8 +258,10 @@ def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
     if not is_distributed():
         return model
     if device.type != "cuda":
-        raise UserError("--sync-bn: PyTorch synchronizes BatchNorm on CUDA only; on CPU train with frozen BatchNorm "
-                        "(--strategy linear, or partial with the BatchNorm stages frozen) or without --sync-bn")
+        raise UserError(
+            "--sync-bn: PyTorch synchronizes BatchNorm on CUDA only; on CPU train with frozen BatchNorm "
+            "(--strategy linear, or partial with the BatchNorm stages frozen) or without --sync-bn"
+        )
     from timm.layers import convert_sync_batchnorm
 
     return convert_sync_batchnorm(model)
@@ -272,5 +282,7 @@ def check_resume(saved: dict, path) -> None:
     """A run resumes with the number of processes it was started with."""
     before, now = int(saved.get("world_size", 1)), world_size()
     if before != now:
-        raise UserError(f"--resume: {path} was trained with {before} process(es), this run has {now}; "
-                        f"resume with torchrun --nproc-per-node/--nnodes giving {before} process(es) in all")
+        raise UserError(
+            f"--resume: {path} was trained with {before} process(es), this run has {now}; "
+            f"resume with torchrun --nproc-per-node/--nnodes giving {before} process(es) in all"
+        )

@@ -11,6 +11,7 @@ came from), the preprocessing, the number of views and the augmentation seed, an
 size and modification time. Change any of them and the name changes. The file also carries a SHA-256
 of its tensors: a corrupt or half-written file fails the check and is rebuilt, never used.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -31,8 +32,17 @@ CACHE_FORMAT = "visiontune-features/1"
 
 
 @torch.no_grad()
-def extract(backbone: nn.Module, dataset: DecodedImages, views: int = 1, batch_size: int = 32, seed: int = 0,
-            channels_last: bool = True, bf16: bool = False, desc: str = "features", progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def extract(
+    backbone: nn.Module,
+    dataset: DecodedImages,
+    views: int = 1,
+    batch_size: int = 32,
+    seed: int = 0,
+    channels_last: bool = True,
+    bf16: bool = False,
+    desc: str = "features",
+    progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Features of ``views`` passes over ``dataset`` (its transform may be random): (views*N, F), (views*N,) in float32."""
     from tqdm import tqdm
 
@@ -58,6 +68,7 @@ def extract(backbone: nn.Module, dataset: DecodedImages, views: int = 1, batch_s
 
 # --------------------------------------------------------------------------------------------- on-disk cache
 
+
 def default_cache_dir() -> Path:
     """``$VISIONTUNE_CACHE``, else ``$XDG_CACHE_HOME/visiontune/features`` (``~/.cache/visiontune/features``)."""
     if os.environ.get("VISIONTUNE_CACHE"):
@@ -74,12 +85,19 @@ def file_fingerprints(paths: list[str | Path]) -> list[list]:
     return out
 
 
-def cache_key(backbone_name: str, backbone: nn.Module, preprocessing: str, views: int, seed: int,
-              paths: list[str | Path], bf16: bool = False) -> dict:
+def cache_key(
+    backbone_name: str, backbone: nn.Module, preprocessing: str, views: int, seed: int, paths: list[str | Path], bf16: bool = False
+) -> dict:
     """Everything the cached features depend on, as plain JSON."""
     return {
-        "format": CACHE_FORMAT, "backbone": backbone_name, "weights_sha256": weights_digest(backbone.state_dict()),
-        "preprocessing": preprocessing, "views": views, "seed": seed, "bf16": bf16, "files": file_fingerprints(paths),
+        "format": CACHE_FORMAT,
+        "backbone": backbone_name,
+        "weights_sha256": weights_digest(backbone.state_dict()),
+        "preprocessing": preprocessing,
+        "views": views,
+        "seed": seed,
+        "bf16": bf16,
+        "files": file_fingerprints(paths),
     }
 
 
@@ -109,7 +127,9 @@ def load_features(path: Path, key: dict) -> tuple[torch.Tensor, torch.Tensor] | 
             meta = f.metadata() or {}
             tensors = {name: f.get_tensor(name) for name in f.keys()}
     except Exception as e:  # noqa: BLE001 - truncated or garbled: rebuild it
-        log.warning("feature cache %s is unreadable (%s); rebuilding it", path, str(e).splitlines()[0][:100] if str(e) else type(e).__name__)
+        log.warning(
+            "feature cache %s is unreadable (%s); rebuilding it", path, str(e).splitlines()[0][:100] if str(e) else type(e).__name__
+        )
         return None
     if meta.get("key") != json.dumps(key, sort_keys=True) or set(tensors) != {"features", "labels"}:
         log.warning("feature cache %s belongs to other inputs; rebuilding it", path)
@@ -120,9 +140,19 @@ def load_features(path: Path, key: dict) -> tuple[torch.Tensor, torch.Tensor] | 
     return tensors["features"], tensors["labels"]
 
 
-def cached_extract(backbone_name: str, backbone: nn.Module, dataset: DecodedImages, paths: list[str | Path],
-                   preprocessing: str, views: int = 1, seed: int = 0, cache_dir: str | Path | None = None,
-                   bf16: bool = False, desc: str = "features", progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def cached_extract(
+    backbone_name: str,
+    backbone: nn.Module,
+    dataset: DecodedImages,
+    paths: list[str | Path],
+    preprocessing: str,
+    views: int = 1,
+    seed: int = 0,
+    cache_dir: str | Path | None = None,
+    bf16: bool = False,
+    desc: str = "features",
+    progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``extract`` through the on-disk cache: reuse the features when every input is unchanged, else compute and store.
 
     ``paths`` are the files behind ``dataset``'s images, in order; ``preprocessing`` describes how they became

@@ -6,12 +6,15 @@ validate, keep the best model, checkpoint) -> the task's final files.
 A task (tasks/classify.py, tasks/detect.py) says what is particular to it through the hooks of ``Task``; the
 loop owns resume, checkpoints, Ctrl-C, torchrun, progress, the log and the best model.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 from tqdm import tqdm
@@ -56,26 +59,8 @@ def fit(task: Task, resume: bool = False, given: dict | None = None) -> dict:
 
     ``resume``: continue the run in ``cfg.out`` from its last checkpoint, with its own settings; ``given`` are the
     settings the user gave (runs.resume_config checks them against the run's)."""
-    cfg = resume_config(task.cfg, given) if resume else task.cfg
-    cfg.validate()
-    out = check_out_dir(cfg.out, cfg.overwrite, resume)
-    if cfg.tensorboard:
-        tensorboard_writer(None)
-    cfg = task.cfg = task.resolve(cfg)
-    device = distributed.init(select_device(cfg.device))
-    bf16 = use_bf16(cfg.precision, device)
-    distributed.per_process_batch(cfg.batch_size)
-    progress = not cfg.quiet and distributed.is_main()
-    seed_everything(cfg.seed)
-    task.setup(device, bf16, progress)
-
-    distributed.barrier()  # every process has checked --out before rank 0 changes it
-    if distributed.is_main():  # only now, with the inputs known good
-        open_run_dir(out, to_yaml(cfg), cfg.overwrite, resume)
-    tb = tensorboard_writer(out) if cfg.tensorboard and distributed.is_main() else None
-    task.model.to(device).to(memory_format=torch.channels_last)
-    if cfg.sync_bn:
-        task.model = distributed.sync_batchnorm(task.model, device)
+    out, device, bf16, progress, tb = start(task, resume, given)
+    cfg = task.cfg
     state = RunState()
     record = epoch_recorder(task, out, state, tb, progress)
     last = out / "last.safetensors"
@@ -100,8 +85,15 @@ def fit(task: Task, resume: bool = False, given: dict | None = None) -> dict:
         write_jsonl(out / "log.jsonl", state.history)  # drops lines logged after the checkpoint (all, without one)
 
     with stop_on_interrupt() as stop:
-        duties = StepCheckpoints(stop, save, cfg.checkpoint_every, steps_per_epoch, last,
-                                 f"visiontune {task.command} train --out {out} --resume", distributed.any_process)
+        duties = StepCheckpoints(
+            stop,
+            save,
+            cfg.checkpoint_every,
+            steps_per_epoch,
+            last,
+            f"visiontune {task.command} train --out {out} --resume",
+            distributed.any_process,
+        )
         for epoch in range(first_epoch, cfg.epochs):
             task.before_epoch(epoch)
             loader = task.epoch_loader(epoch)
@@ -109,9 +101,20 @@ def fit(task: Task, resume: bool = False, given: dict | None = None) -> dict:
                 loader = ckpt.resume_loader(loader, first_step)
             else:
                 torch.manual_seed(cfg.seed * 100_003 + epoch)  # random draws (dropout, sampling): a function of (seed, epoch)
-            stats = train_one_epoch(task, distributed.for_training(task.model, device), loader, optimizer, scheduler, device,
-                                    epoch, progress, start_step=first_step, totals=totals, bf16=bf16,
-                                    after_step=lambda step, t: duties.after_step(epoch, step, t))
+            stats = train_one_epoch(
+                task,
+                distributed.for_training(task.model, device),
+                loader,
+                optimizer,
+                scheduler,
+                device,
+                epoch,
+                progress,
+                start_step=first_step,
+                totals=totals,
+                bf16=bf16,
+                after_step=partial(duties.after_step, epoch),
+            )
             first_step, totals = 0, None
             stats = {**distributed.reduce_stats(stats), "lr": optimizer.param_groups[-1]["lr"]}
             task.validate(epoch, stats, record)
@@ -121,6 +124,32 @@ def fit(task: Task, resume: bool = False, given: dict | None = None) -> dict:
     fault_point("finish")
     metrics = task.finish(out, state) if distributed.is_main() else None
     return distributed.broadcast_object(metrics)
+
+
+def start(task: Task, resume: bool, given: dict | None):
+    """Settings, device and precision, the task's data and model; then, the inputs known good, the run directory.
+    Returns (out, device, bf16, progress, TensorBoard writer or None)."""
+    cfg = resume_config(task.cfg, given) if resume else task.cfg
+    cfg.validate()
+    out = check_out_dir(cfg.out, cfg.overwrite, resume)
+    if cfg.tensorboard:
+        tensorboard_writer(None)
+    cfg = task.cfg = task.resolve(cfg)
+    device = distributed.init(select_device(cfg.device))
+    bf16 = use_bf16(cfg.precision, device)
+    distributed.per_process_batch(cfg.batch_size)
+    progress = not cfg.quiet and distributed.is_main()
+    seed_everything(cfg.seed)
+    task.setup(device, bf16, progress)
+
+    distributed.barrier()  # every process has checked --out before rank 0 changes it
+    if distributed.is_main():  # only now, with the inputs known good
+        open_run_dir(out, to_yaml(cfg), cfg.overwrite, resume)
+    tb = tensorboard_writer(out) if cfg.tensorboard and distributed.is_main() else None
+    task.model.to(device).to(memory_format=torch.channels_last)
+    if cfg.sync_bn:
+        task.model = distributed.sync_batchnorm(task.model, device)
+    return out, device, bf16, progress, tb
 
 
 def epoch_recorder(task: Task, out: Path, state: RunState, tb, progress: bool) -> Record:
@@ -147,8 +176,20 @@ def epoch_recorder(task: Task, out: Path, state: RunState, tb, progress: bool) -
     return record
 
 
-def train_one_epoch(task: Task, model, loader, optimizer, scheduler, device: torch.device, epoch: int, progress: bool,
-                    start_step: int = 0, totals: dict | None = None, after_step=None, bf16: bool = False) -> dict:
+def train_one_epoch(
+    task: Task,
+    model,
+    loader,
+    optimizer,
+    scheduler,
+    device: torch.device,
+    epoch: int,
+    progress: bool,
+    start_step: int = 0,
+    totals: dict | None = None,
+    after_step=None,
+    bf16: bool = False,
+) -> dict:
     """One pass over ``loader``: forward (the task's), stop on a non-finite loss, backward, clip, step, per-step schedule.
 
     Resuming mid-epoch: ``loader`` lacks the first ``start_step`` batches and ``totals`` holds their running sums
@@ -159,15 +200,24 @@ def train_one_epoch(task: Task, model, loader, optimizer, scheduler, device: tor
     params = [p for p in model.parameters() if p.requires_grad] if clip > 0 else []
     t = dict(totals or {"steps": 0, "seen": 0, "loss_sum": 0.0, "seconds": 0.0, "first_step_loss": None, "last_step_loss": None})
     start = time.perf_counter() - t["seconds"]
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}", unit="batch", leave=False, disable=not progress, initial=start_step,
-               total=start_step + len(loader))
+    bar = tqdm(
+        loader,
+        desc=f"epoch {epoch + 1}",
+        unit="batch",
+        leave=False,
+        disable=not progress,
+        initial=start_step,
+        total=start_step + len(loader),
+    )
     for step, batch in enumerate(bar, start=start_step):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss, images, sums = task.forward(model, batch, device)
         if not torch.isfinite(loss):
             parts = ", ".join(f"{k} {v:.3g}" for k, v in sums.items() if k.startswith("loss_"))
-            raise Diverged(f"training diverged: non-finite loss at epoch {epoch + 1}, step {step + 1}{f' ({parts})' if parts else ''}; "
-                           f"the last good checkpoint is kept (try a lower --lr{' or --clip-grad' if clip > 0 else ''})")
+            raise Diverged(
+                f"training diverged: non-finite loss at epoch {epoch + 1}, step {step + 1}{f' ({parts})' if parts else ''}; "
+                f"the last good checkpoint is kept (try a lower --lr{' or --clip-grad' if clip > 0 else ''})"
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if clip > 0:
@@ -187,5 +237,4 @@ def train_one_epoch(task: Task, model, loader, optimizer, scheduler, device: tor
         if after_step is not None:
             after_step(step + 1, dict(t, seconds=time.perf_counter() - start))
     seconds = time.perf_counter() - start
-    return {**task.summarize(t, seconds), "train_seconds": seconds,
-            "train_images_per_second": t["seen"] / seconds if seconds > 0 else 0.0}
+    return {**task.summarize(t, seconds), "train_seconds": seconds, "train_images_per_second": t["seen"] / seconds if seconds > 0 else 0.0}

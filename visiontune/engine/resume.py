@@ -2,6 +2,7 @@
 
 Task-independent: the loop (loop.py) calls these for every task.
 """
+
 from __future__ import annotations
 
 import signal
@@ -31,17 +32,32 @@ class RunState:
         return self.elapsed_before + time.perf_counter() - self.start
 
 
-def save_last(path: Path, model, optimizer, scheduler, state: RunState, data_check: dict, epoch: int, step: int = 0,
-              totals: dict | None = None) -> None:
+def save_last(
+    path: Path, model, optimizer, scheduler, state: RunState, data_check: dict, epoch: int, step: int = 0, totals: dict | None = None
+) -> None:
     """The ``last`` checkpoint: ``epoch`` epochs done and ``step`` batches of the next (with their running ``totals``).
 
     ``data_check`` is what a resumed run's data must match. Under torchrun every process calls this; rank 0 writes.
     """
     totals = distributed.reduce_stats(totals) if totals else totals  # averaged: each process resumes from the mean
     if distributed.is_main():
-        ckpt.save_training_state(path, model, optimizer, scheduler, {
-            "epoch": epoch, "step": step, "epoch_totals": totals, "best": state.best, "best_epoch": state.best_epoch,
-            "history": state.history, "elapsed_seconds": state.elapsed(), "world_size": distributed.world_size(), "data": data_check})
+        ckpt.save_training_state(
+            path,
+            model,
+            optimizer,
+            scheduler,
+            {
+                "epoch": epoch,
+                "step": step,
+                "epoch_totals": totals,
+                "best": state.best,
+                "best_epoch": state.best_epoch,
+                "history": state.history,
+                "elapsed_seconds": state.elapsed(),
+                "world_size": distributed.world_size(),
+                "data": data_check,
+            },
+        )
 
 
 def restore(path: Path, model, optimizer, scheduler, state: RunState, data_check: dict, data: str) -> tuple[int, int, dict | None]:
@@ -49,8 +65,10 @@ def restore(path: Path, model, optimizer, scheduler, state: RunState, data_check
     saved = ckpt.load_training_state(path, model, optimizer, scheduler)  # restores the RNG state too
     distributed.check_resume(saved, path)
     if saved.get("data", data_check) != data_check:  # (checkpoints of earlier versions lack "data")
-        raise UserError(f"--resume: the images in {data} changed since {path} was saved "
-                        f"(then {saved.get('data')}, now {data_check}); resume needs the same data")
+        raise UserError(
+            f"--resume: the images in {data} changed since {path} was saved "
+            f"(then {saved.get('data')}, now {data_check}); resume needs the same data"
+        )
     state.best, state.best_epoch, state.history = saved["best"], saved["best_epoch"], saved["history"]
     state.elapsed_before = saved["elapsed_seconds"]
     return saved["epoch"], saved.get("step", 0), saved.get("epoch_totals")
@@ -66,14 +84,15 @@ class StepCheckpoints:
     """A training loop's duties between steps: ``last`` every ``every`` steps; on Ctrl-C, a checkpoint and a stop
     with the command that resumes. ``any_process`` makes every torchrun process stop after the same step."""
 
-    def __init__(self, stop, save_last, every: int, steps_per_epoch: int, last: Path, resume_command: str,
-                 any_process=lambda flag: flag):
+    def __init__(self, stop, save_last, every: int, steps_per_epoch: int, last: Path, resume_command: str, any_process=lambda flag: flag):
         self.stop, self.save_last, self.every, self.steps_per_epoch = stop, save_last, every, steps_per_epoch
         self.last, self.resume_command, self.any_process = last, resume_command, any_process
 
     def interrupted(self, epoch: int, step: int) -> Interrupted:
-        return Interrupted(f"checkpoint saved at epoch {epoch + 1}, step {step}/{self.steps_per_epoch} in {self.last}; "
-                           f"continue with: {self.resume_command}")
+        return Interrupted(
+            f"checkpoint saved at epoch {epoch + 1}, step {step}/{self.steps_per_epoch} in {self.last}; "
+            f"continue with: {self.resume_command}"
+        )
 
     def after_step(self, epoch: int, step: int, totals: dict) -> None:
         stopping = self.any_process(self.stop.requested)

@@ -1,4 +1,5 @@
 """Where and how a run computes: device, precision, seeding, and what a diverged run raises."""
+
 from __future__ import annotations
 
 import random

@@ -4,6 +4,7 @@ pretrained one, ``alpha * fine_tuned + (1 - alpha) * pretrained``, while trainin
 On small data much like the pretraining data, fine-tuning the whole base drifts away from features that were
 already good; the average keeps most of what fine-tuning learned and little of the drift (strategies.py: measured).
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager

@@ -1,4 +1,5 @@
 """A trained classifier at work: evaluate it on class folders, predict images (PyTorch model file or ONNX export)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -48,10 +49,11 @@ def predict(run_or_file: str | Path, inputs: list[str | Path], topk: int = 3, ba
     k = min(topk, len(meta.classes))
     results = []
     for i in range(0, len(paths), batch_size):
-        chunk = paths[i: i + batch_size]
+        chunk = paths[i : i + batch_size]
         x = torch.stack([tf(TF.pil_to_tensor(load_rgb(p))) for p in chunk]).to(on, memory_format=torch.channels_last)
         top = model(x).float().softmax(1).cpu().topk(k, dim=1)
         for p, vals, idxs in zip(chunk, top.values, top.indices):
-            results.append({"path": str(p), "predictions": [{"label": meta.classes[j], "probability": round(float(v), 6)}
-                                                            for v, j in zip(vals, idxs)]})
+            results.append(
+                {"path": str(p), "predictions": [{"label": meta.classes[j], "probability": round(float(v), 6)} for v, j in zip(vals, idxs)]}
+            )
     return results

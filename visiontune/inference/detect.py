@@ -1,4 +1,5 @@
 """A trained detector at work: COCO metrics on labelled data, predictions (JSON and pictures) for images."""
+
 from __future__ import annotations
 
 import json
@@ -35,8 +36,15 @@ def evaluate_run(run: str | Path, data: str, fmt: str | None = None, annotations
     return {**m, "images": len(instances.records)}
 
 
-def predict_run(run: str | Path, inputs: list[str], score_threshold: float = 0.5, output: str | None = None,
-                batch_size: int = 4, quiet: bool = False, device: str = "auto") -> dict:
+def predict_run(
+    run: str | Path,
+    inputs: list[str],
+    score_threshold: float = 0.5,
+    output: str | None = None,
+    batch_size: int = 4,
+    quiet: bool = False,
+    device: str = "auto",
+) -> dict:
     """COCO-results JSON (RLE masks) and a rendered PNG per image in ``output`` (default RUN/predict).
     ``run``: a run directory, its model file, or an exported .onnx file (run by ONNX Runtime)."""
     if not 0.0 <= score_threshold <= 1.0:
@@ -53,7 +61,7 @@ def predict_run(run: str | Path, inputs: list[str], score_threshold: float = 0.5
     classes, results = meta.classes, []
     start = time.perf_counter()
     for i in range(0, len(paths), batch_size):
-        chunk = paths[i:i + batch_size]
+        chunk = paths[i : i + batch_size]
         images = [TF.pil_to_tensor(load_rgb(p)) for p in chunk]
         for j, (p, image, o) in enumerate(zip(chunk, images, predict_records(model, images, on, batch_size))):
             image_id = i + j + 1
@@ -62,8 +70,13 @@ def predict_run(run: str | Path, inputs: list[str], score_threshold: float = 0.5
             write_png(draw_detections(image, o, classes, score_threshold), str(out_dir / f"{image_id:05d}_{p.stem}.png"))
     seconds = time.perf_counter() - start
     (out_dir / "predictions.json").write_text(json.dumps(results))
-    summary = {"images": len(paths), "detections": len(results), "output": str(out_dir), "seconds": round(seconds, 3),
-               "images_per_second": round(len(paths) / seconds, 3) if seconds > 0 else None}
+    summary = {
+        "images": len(paths),
+        "detections": len(results),
+        "output": str(out_dir),
+        "seconds": round(seconds, 3),
+        "images_per_second": round(len(paths) / seconds, 3) if seconds > 0 else None,
+    }
     if not quiet:
         print(json.dumps(summary), flush=True)
     return summary

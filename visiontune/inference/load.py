@@ -1,5 +1,6 @@
 """Loading a trained run for eval, predict and export: a classifier or a detector, from its PyTorch model file
 (rebuilt from the file's metadata, no pretrained weights needed) or from an ONNX file of ``visiontune export``."""
+
 from __future__ import annotations
 
 import json
@@ -50,8 +51,16 @@ def load_detector(run_or_file: str | Path, device: str = "cpu") -> tuple[torch.n
     sd, meta = read_model_file(run_or_file)
     if not isinstance(meta, DetectorMeta):
         raise UserError(f"{run_or_file}: not a detection model (task: {meta.task})")
-    model = build_detector(meta.model, len(meta.classes) + 1, backbone=meta.backbone, weights="none", backbone_weights="none",
-                           neck=meta.neck, min_size=meta.min_size, max_size=meta.max_size)
+    model = build_detector(
+        meta.model,
+        len(meta.classes) + 1,
+        backbone=meta.backbone,
+        weights="none",
+        backbone_weights="none",
+        neck=meta.neck,
+        min_size=meta.min_size,
+        max_size=meta.max_size,
+    )
     trained_bn = any(k.startswith("backbone.body.") and k.endswith("num_batches_tracked") for k in sd)
     if meta.model not in CUSTOM_MODELS and not trained_bn:  # as trained from COCO weights: frozen BatchNorm in the body
         model.backbone.body = freeze_batch_norm(model.backbone.body)
@@ -60,6 +69,7 @@ def load_detector(run_or_file: str | Path, device: str = "cpu") -> tuple[torch.n
 
 
 # --------------------------------------------------------------------------------------------- ONNX files
+
 
 def onnx_on_cpu(device: str) -> None:
     """Exported files run on ONNX Runtime's CPU provider: a GPU asked for is refused, not silently ignored."""
@@ -111,7 +121,7 @@ class OnnxDetector:
             raise UserError(f"{path}: an exported {self.meta.task} model; use visiontune classify predict")
         self.outputs = preprocessing["outputs"]
 
-    def eval(self) -> "OnnxDetector":
+    def eval(self) -> OnnxDetector:
         return self
 
     def __call__(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:

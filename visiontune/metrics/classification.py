@@ -1,4 +1,5 @@
 """Classification metrics: predicted logits, accuracy, per-class precision/recall/F1, confusion matrix."""
+
 from __future__ import annotations
 
 import torch
@@ -7,7 +8,9 @@ from torch.utils.data import DataLoader
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, loader: DataLoader, channels_last: bool = True, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def predict_logits(
+    model: nn.Module, loader: DataLoader, channels_last: bool = True, progress: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     from tqdm import tqdm
 
     model.eval()

@@ -1,4 +1,5 @@
 """COCO evaluation of detections: model outputs -> COCO results -> bbox (and segm) AP by pycocotools."""
+
 from __future__ import annotations
 
 import contextlib
@@ -27,8 +28,12 @@ def coco_results(outputs: list[dict], image_ids: list[int], category_ids: list[i
         for j in range(len(boxes)):
             x1, y1, x2, y2 = boxes[j].tolist()
             label = int(labels[j])
-            r = {"image_id": image_id, "category_id": category_ids[label - 1] if category_ids else label,
-                 "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)], "score": round(float(scores[j]), 5)}
+            r = {
+                "image_id": image_id,
+                "category_id": category_ids[label - 1] if category_ids else label,
+                "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
+                "score": round(float(scores[j]), 5),
+            }
             if rles is not None:
                 r["segmentation"] = {"size": rles[j]["size"], "counts": rles[j]["counts"].decode("ascii")}
             results.append(r)
@@ -70,7 +75,7 @@ def predict_records(model, images: list[torch.Tensor], device, batch_size: int =
     model.eval()
     outputs = []
     for i in range(0, len(images), batch_size):
-        batch = [im.to(device).float().div_(255) for im in images[i:i + batch_size]]
+        batch = [im.to(device).float().div_(255) for im in images[i : i + batch_size]]
         outputs += [{k: v.cpu() for k, v in o.items()} for o in model(batch)]
     return outputs
 

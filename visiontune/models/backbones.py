@@ -4,13 +4,13 @@ Three sources: the embedded EfficientNet-Lite weights (default), torchvision's I
 and any timm model as ``timm:NAME``. Each backbone knows its stage boundaries (module name prefixes in
 forward order), which the strategies use to freeze "the first part of the convolutional base".
 """
+
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
-import torch
 from torch import nn
 
 from ..errors import UserError
@@ -87,6 +87,7 @@ def build_backbone(name: str, weights: str | None = None) -> Backbone:
 
 # --------------------------------------------------------------------------- embedded EfficientNet-Lite
 
+
 def _lite_stages() -> list[tuple[str, tuple[str, ...]]]:
     return [("stem", ("conv_stem", "bn1"))] + [(f"blocks.{i}", (f"blocks.{i}",)) for i in range(7)] + [("head", ("conv_head", "bn2"))]
 
@@ -108,7 +109,9 @@ def _make_lite(index: int, input_size: int):
             sd = W.load_state_dict_file(weights)
             W.load_matching(m, sd, f"--weights {weights}", skip=lambda k: k.startswith(("classifier.", "_fc.")))
             source = str(weights)
-        return Backbone(f"efficientnet_lite{index}", m, m.num_features, Preprocessing((0.5,) * 3, (0.5,) * 3, input_size, 0.875), _lite_stages(), source)
+        return Backbone(
+            f"efficientnet_lite{index}", m, m.num_features, Preprocessing((0.5,) * 3, (0.5,) * 3, input_size, 0.875), _lite_stages(), source
+        )
 
     return build
 
@@ -118,6 +121,7 @@ for _i, _size in ((0, 224), (1, 240), (2, 260)):
 
 
 # --------------------------------------------------------------------------- torchvision
+
 
 def _tv_weights(model: nn.Module, arch: str, weights: str | None, head_prefix: str) -> str:
     """Load ImageNet weights into a torchvision classifier (before its head is removed)."""
@@ -184,7 +188,9 @@ register("googlenet", "torchvision googlenet (Inception v1), ImageNet")(
 
 _MBV2 = _seq("features", [range(0, 2), range(2, 4), range(4, 7), range(7, 14), range(14, 18), range(18, 19)])
 register("mobilenet_v2", "torchvision mobilenet_v2, ImageNet")(_tv_backbone("mobilenet_v2", "classifier.1", _MBV2))
-_MBV3L = _seq("features", [range(0, 2), range(2, 4), range(4, 7), range(7, 13), range(13, 16), range(16, 17)]) + [("classifier", ("classifier",))]
+_MBV3L = _seq("features", [range(0, 2), range(2, 4), range(4, 7), range(7, 13), range(13, 16), range(16, 17)]) + [
+    ("classifier", ("classifier",))
+]
 register("mobilenet_v3_large", "torchvision mobilenet_v3_large, ImageNet")(_tv_backbone("mobilenet_v3_large", "classifier.3", _MBV3L))
 _EFFB0 = _seq("features", [range(i, i + 1) for i in range(9)])
 register("efficientnet_b0", "torchvision efficientnet_b0, ImageNet")(_tv_backbone("efficientnet_b0", "classifier.1", _EFFB0))
@@ -193,6 +199,7 @@ register("convnext_tiny", "torchvision convnext_tiny, ImageNet")(_tv_backbone("c
 
 
 # --------------------------------------------------------------------------- timm:NAME
+
 
 def _build_timm(name: str, weights: str | None) -> Backbone:
     import timm
@@ -204,13 +211,20 @@ def _build_timm(name: str, weights: str | None) -> Backbone:
     m = timm.create_model(name, pretrained=False, num_classes=0)
     source = "none"
     if weights is not None and weights != "none":
-        W.load_matching(m, W.load_state_dict_file(weights), f"--weights {weights}", skip=lambda k: k.startswith(("head.fc", "classifier", "fc.", "head.")))
+        W.load_matching(
+            m,
+            W.load_state_dict_file(weights),
+            f"--weights {weights}",
+            skip=lambda k: k.startswith(("head.fc", "classifier", "fc.", "head.")),
+        )
         source = str(weights)
     elif weights is None:
         source = _timm_pretrained(m, name)
     cfg = m.pretrained_cfg
     size = int(cfg.get("input_size", (3, 224, 224))[-1])
-    prep = Preprocessing(tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD)), size, float(cfg.get("crop_pct", 0.875)))
+    prep = Preprocessing(
+        tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD)), size, float(cfg.get("crop_pct", 0.875))
+    )
     return Backbone(f"timm:{name}", m, m.num_features, prep, _generic_stages(m), source)
 
 

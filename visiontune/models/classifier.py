@@ -5,6 +5,7 @@ The head is always a torch module, so every model file is safetensors + JSON and
 cached features and their coefficients copied into a Linear layer; ``knn`` keeps the training features
 as a buffer and votes in torch.
 """
+
 from __future__ import annotations
 
 import torch
@@ -39,7 +40,9 @@ def make_head(kind: str, num_features: int, num_classes: int, dropout: float = 0
         return nn.Sequential(nn.Dropout(dropout), nn.Linear(num_features, num_classes))
     if kind == "mlp":
         hidden = min(512, num_features)
-        return nn.Sequential(nn.Dropout(dropout), nn.Linear(num_features, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, num_classes))
+        return nn.Sequential(
+            nn.Dropout(dropout), nn.Linear(num_features, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, num_classes)
+        )
     if kind == "knn":
         return KNNHead(num_features, num_classes, bank_size=bank_size)
     raise ValueError(kind)
@@ -82,7 +85,7 @@ class Classifier(nn.Module):
     def frozen_prefixes(self) -> list[str]:
         return list(self._frozen)
 
-    def train(self, mode: bool = True) -> "Classifier":
+    def train(self, mode: bool = True) -> Classifier:
         super().train(mode)
         if mode and self._frozen:  # BatchNorm statistics and dropout of frozen parts must not change
             for name, module in self.backbone.named_modules():

@@ -8,6 +8,7 @@ The tutorial's two ways, as builders:
    (``neck="fpn"``), or its last feature map alone with its own AnchorGenerator and RoIAlign (``neck="none"``).
 Backbone BatchNorm is frozen (batches of 2 make batch statistics noise), as torchvision does for its detectors.
 """
+
 from __future__ import annotations
 
 import logging
@@ -29,8 +30,13 @@ from .roi_align import use_sparse_roi_align
 
 log = logging.getLogger("visiontune")
 
-TORCHVISION_MODELS = ("maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2", "fasterrcnn_resnet50_fpn",
-                      "fasterrcnn_resnet50_fpn_v2", "fasterrcnn_mobilenet_v3_large_fpn")
+TORCHVISION_MODELS = (
+    "maskrcnn_resnet50_fpn",
+    "maskrcnn_resnet50_fpn_v2",
+    "fasterrcnn_resnet50_fpn",
+    "fasterrcnn_resnet50_fpn_v2",
+    "fasterrcnn_mobilenet_v3_large_fpn",
+)
 CUSTOM_MODELS = ("maskrcnn", "fasterrcnn")
 DEFAULT_BACKBONE = "efficientnet_lite0"
 NECKS = ("fpn", "none")
@@ -42,9 +48,20 @@ def is_mask_model(model: str) -> bool:
     return model.startswith("maskrcnn")
 
 
-def build_detector(model: str = "maskrcnn", num_classes: int = 2, *, backbone: str | None = None, weights: str | None = None,
-                   backbone_weights: str | None = None, neck: str = "fpn", trainable_backbone_layers: int | None = None,
-                   min_size: int = 320, max_size: int = 512, rois_per_image: int = 512, sparse_roi_align: bool = True) -> nn.Module:
+def build_detector(
+    model: str = "maskrcnn",
+    num_classes: int = 2,
+    *,
+    backbone: str | None = None,
+    weights: str | None = None,
+    backbone_weights: str | None = None,
+    neck: str = "fpn",
+    trainable_backbone_layers: int | None = None,
+    min_size: int = 320,
+    max_size: int = 512,
+    rois_per_image: int = 512,
+    sparse_roi_align: bool = True,
+) -> nn.Module:
     """A detector for ``num_classes`` classes including background. ``weights``/``backbone_weights``: None = pretrained
     (resolved in order), "none" = random init, else a file. ``model.pretrained`` records where weights came from.
     ``rois_per_image``: proposals sampled per image to train the box and mask heads (torchvision's default 512).
@@ -64,12 +81,14 @@ def _build_detector(model, num_classes, backbone, weights, backbone_weights, nec
     if model in CUSTOM_MODELS:
         if weights not in (None, "none"):
             raise UserError(f"--weights: {model} on a registry backbone has no COCO weights; use --backbone-weights for the backbone")
-        return _custom_detector(model, num_classes, backbone or DEFAULT_BACKBONE, backbone_weights, neck,
-                                trainable_backbone_layers, min_size, max_size)
+        return _custom_detector(
+            model, num_classes, backbone or DEFAULT_BACKBONE, backbone_weights, neck, trainable_backbone_layers, min_size, max_size
+        )
     raise UserError(f"--model: unknown detection model {model!r}; choose one of {', '.join(CUSTOM_MODELS + TORCHVISION_MODELS)}")
 
 
 # --------------------------------------------------------------------------------------------- torchvision COCO models
+
 
 def _torchvision_detector(name: str, num_classes: int, weights: str | None, trainable: int | None, min_size: int, max_size: int):
     import torchvision
@@ -77,7 +96,9 @@ def _torchvision_detector(name: str, num_classes: int, weights: str | None, trai
     if trainable is not None and not 0 <= trainable <= 5:
         raise UserError(f"--trainable-backbone-layers: {trainable} is out of range [0, 5]")
     if weights == "none":
-        m = torchvision.models.get_model(name, weights=None, weights_backbone=None, num_classes=num_classes, min_size=min_size, max_size=max_size)
+        m = torchvision.models.get_model(
+            name, weights=None, weights_backbone=None, num_classes=num_classes, min_size=min_size, max_size=max_size
+        )
         if getattr(m.roi_heads, "mask_predictor", None) is not None:
             small_mask_logits(m.roi_heads.mask_predictor)
         m.pretrained = "none"
@@ -90,8 +111,9 @@ def _torchvision_detector(name: str, num_classes: int, weights: str | None, trai
     file_classes = sd.get("roi_heads.box_predictor.cls_score.weight")
     if file_classes is None:
         raise UserError(f"--weights {weights}: not a {name} state dict (no roi_heads.box_predictor)")
-    m = torchvision.models.get_model(name, weights=None, weights_backbone=None, num_classes=file_classes.shape[0],
-                                     min_size=min_size, max_size=max_size)
+    m = torchvision.models.get_model(
+        name, weights=None, weights_backbone=None, num_classes=file_classes.shape[0], min_size=min_size, max_size=max_size
+    )
     m.backbone.body = freeze_batch_norm(m.backbone.body)  # as torchvision builds it with pretrained weights
     target = m.state_dict()
     sd = {k: v for k, v in sd.items() if not (k.endswith("num_batches_tracked") and k not in target)}
@@ -142,6 +164,7 @@ def _freeze_torchvision_body(model: nn.Module, trainable: int) -> None:
 
 # --------------------------------------------------------------------------------------------- registry backbones
 
+
 def freeze_batch_norm(module: nn.Module) -> nn.Module:
     """BatchNorm (also timm's BatchNormAct) -> frozen copies with the same statistics and state-dict names."""
     from timm.layers import freeze_batch_norm_2d
@@ -153,8 +176,10 @@ def probe_stages(bb: Backbone, probe_size: int = 64) -> list[tuple[str, str, int
     """(stage name, output module, stride, channels) of every feature stage, in forward order (one small forward pass)."""
     stages = [(s, prefixes[-1]) for s, prefixes in bb.stages if s not in NON_FEATURE_STAGES]
     shapes: dict[str, torch.Size] = {}
-    hooks = [bb.module.get_submodule(node).register_forward_hook(lambda _m, _i, out, node=node: shapes.__setitem__(node, out.shape))
-             for _, node in stages]
+    hooks = [
+        bb.module.get_submodule(node).register_forward_hook(lambda _m, _i, out, node=node: shapes.__setitem__(node, out.shape))
+        for _, node in stages
+    ]
     was_training = bb.module.training
     try:
         with torch.no_grad():
@@ -194,7 +219,7 @@ class StageFeatures(nn.Module):
         self.level_names = [str(i) for i in range(len(chosen))]
         _freeze_stages(self.body, bb, probed, chosen[-1][0], trainable)
 
-    def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         feats = OrderedDict(self.body(x))
         return self.fpn(feats) if self.fpn is not None else feats
 
@@ -215,8 +240,16 @@ def _freeze_stages(body: nn.Module, bb: Backbone, probed, last_stage: str, train
         p.requires_grad_(any(n == t or n.startswith(t + ".") for t in trained))
 
 
-def _custom_detector(model: str, num_classes: int, backbone: str, backbone_weights: str | None, neck: str,
-                     trainable: int | None, min_size: int, max_size: int) -> nn.Module:
+def _custom_detector(
+    model: str,
+    num_classes: int,
+    backbone: str,
+    backbone_weights: str | None,
+    neck: str,
+    trainable: int | None,
+    min_size: int,
+    max_size: int,
+) -> nn.Module:
     if neck not in NECKS:
         raise UserError(f"--neck: unknown neck {neck!r}; choose fpn or none")
     bb = build_backbone(backbone, backbone_weights)
@@ -226,9 +259,15 @@ def _custom_detector(model: str, num_classes: int, backbone: str, backbone_weigh
         anchors = AnchorGenerator(((32,), (64,), (128,), (256,)), ((0.5, 1.0, 2.0),) * 4)
     else:  # the tutorial's single feature map
         anchors = AnchorGenerator(((32, 64, 128, 256, 512),), ((0.5, 1.0, 2.0),))
-    kwargs = dict(num_classes=num_classes, min_size=min_size, max_size=max_size, image_mean=list(bb.preprocessing.mean),
-                  image_std=list(bb.preprocessing.std), rpn_anchor_generator=anchors,
-                  box_roi_pool=MultiScaleRoIAlign(levels, output_size=7, sampling_ratio=2))
+    kwargs = dict(
+        num_classes=num_classes,
+        min_size=min_size,
+        max_size=max_size,
+        image_mean=list(bb.preprocessing.mean),
+        image_std=list(bb.preprocessing.std),
+        rpn_anchor_generator=anchors,
+        box_roi_pool=MultiScaleRoIAlign(levels, output_size=7, sampling_ratio=2),
+    )
     if is_mask_model(model):
         m = MaskRCNN(features, mask_roi_pool=MultiScaleRoIAlign(levels, output_size=14, sampling_ratio=2), **kwargs)
         small_mask_logits(m.roi_heads.mask_predictor)

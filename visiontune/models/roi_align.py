@@ -9,6 +9,7 @@ bilinear weights / samples per bin): forward ``S @ X``, backward ``S.T @ dY``, w
 Used only where it gives the same result: CPU tensors, a fixed ``sampling_ratio`` (Mask R-CNN's 2), and not while
 tracing, scripting or compiling (ONNX export keeps torchvision's op).
 """
+
 from __future__ import annotations
 
 import warnings
@@ -36,8 +37,9 @@ def _axis_samples(start: Tensor, length: Tensor, bins: int, grid: int, size: int
     return low, high, (1 - frac) * inside, frac * inside
 
 
-def _sampling_matrix(rois: Tensor, shape: tuple[int, int, int], output_size: tuple[int, int], spatial_scale: float,
-                     grid: int, aligned: bool) -> tuple[Tensor, Tensor, int]:
+def _sampling_matrix(
+    rois: Tensor, shape: tuple[int, int, int], output_size: tuple[int, int], spatial_scale: float, grid: int, aligned: bool
+) -> tuple[Tensor, Tensor, int]:
     """Column indices and values of S, ``grid * grid * 4`` entries per row, rows in output order (roi, y, x)."""
     batch, height, width = shape
     k = rois.shape[0]
@@ -93,8 +95,9 @@ class _SparseRoIAlign(torch.autograd.Function):
         return grad.view(b, h, w, c).permute(0, 3, 1, 2), None, None, None, None, None
 
 
-def sparse_roi_align(x: Tensor, rois: Tensor, output_size: tuple[int, int], spatial_scale: float, sampling_ratio: int,
-                     aligned: bool = False) -> Tensor:
+def sparse_roi_align(
+    x: Tensor, rois: Tensor, output_size: tuple[int, int], spatial_scale: float, sampling_ratio: int, aligned: bool = False
+) -> Tensor:
     """``torchvision.ops.roi_align`` for a fixed ``sampling_ratio`` > 0; ``rois`` is (K, 5): image index, x1, y1, x2, y2."""
     if rois.shape[0] == 0:
         return x.new_zeros((0, x.shape[1], *output_size))
@@ -107,8 +110,13 @@ class SparseMultiScaleRoIAlign(MultiScaleRoIAlign):
 
     def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
         features = [x[name] for name in self.featmap_names]
-        if (features[0].device.type != "cpu" or self.sampling_ratio <= 0 or torchvision._is_tracing()
-                or torch.jit.is_scripting() or torch.compiler.is_compiling()):
+        if (
+            features[0].device.type != "cpu"
+            or self.sampling_ratio <= 0
+            or torchvision._is_tracing()
+            or torch.jit.is_scripting()
+            or torch.compiler.is_compiling()
+        ):
             return super().forward(x, boxes, image_shapes)
         if self.scales is None or self.map_levels is None:
             self.scales, self.map_levels = _setup_scales(features, image_shapes, self.canonical_scale, self.canonical_level)
@@ -129,6 +137,15 @@ def use_sparse_roi_align(model: nn.Module) -> nn.Module:
     for attr in ("box_roi_pool", "mask_roi_pool", "keypoint_roi_pool"):
         pool = getattr(heads, attr, None)
         if type(pool) is MultiScaleRoIAlign:
-            setattr(heads, attr, SparseMultiScaleRoIAlign(pool.featmap_names, pool.output_size, pool.sampling_ratio,
-                                                          canonical_scale=pool.canonical_scale, canonical_level=pool.canonical_level))
+            setattr(
+                heads,
+                attr,
+                SparseMultiScaleRoIAlign(
+                    pool.featmap_names,
+                    pool.output_size,
+                    pool.sampling_ratio,
+                    canonical_scale=pool.canonical_scale,
+                    canonical_level=pool.canonical_level,
+                ),
+            )
     return model

@@ -7,14 +7,15 @@
 
 Offline with nothing found, the error is one line naming the file and the folder to put it in.
 """
+
 from __future__ import annotations
 
 import importlib
 import os
 import pickle
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -38,8 +39,10 @@ def load_state_dict_file(path: str | Path) -> StateDict:
         else:
             sd = torch.load(str(p), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:  # garbage, or objects besides tensors that weights_only refused to build
-        raise UserError(f"--weights: {p}: cannot read weights: not a plain state dict of tensors "
-                        "(use .safetensors or a .pth state dict; other pickled objects are never loaded)") from None
+        raise UserError(
+            f"--weights: {p}: cannot read weights: not a plain state dict of tensors "
+            "(use .safetensors or a .pth state dict; other pickled objects are never loaded)"
+        ) from None
     except Exception as e:  # noqa: BLE001 - any failure to read is the user's file
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"--weights: {p}: cannot read weights ({first[:200]})") from None
@@ -128,5 +131,7 @@ def load_matching(model: torch.nn.Module, sd: StateDict, what: str, skip: Callab
     keep = {k: v for k, v in sd.items() if k in target and not skip(k) and target[k].shape == v.shape}
     missing = [k for k in target if k not in keep and not skip(k)]
     if len(keep) == 0 or len(missing) > 0.1 * len(target):
-        raise UserError(f"{what}: the weights do not match this architecture ({len(missing)} of {len(target)} tensors missing, e.g. {missing[:3]})")
+        raise UserError(
+            f"{what}: the weights do not match this architecture ({len(missing)} of {len(target)} tensors missing, e.g. {missing[:3]})"
+        )
     model.load_state_dict(keep, strict=False)

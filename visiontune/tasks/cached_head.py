@@ -3,6 +3,7 @@
 The frozen base runs once per image and view (engine/features.py); the head then trains for many passes over
 those features in seconds. scikit-learn heads (logreg, svm) and kNN are fitted on them instead.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -16,8 +17,19 @@ from ..models.classifier import Classifier
 SKLEARN_HEADS = ("logreg", "svm", "knn")
 
 
-def train_head_on_features(model: Classifier, head: str, batch_size: int, weight_decay: float, label_smoothing: float, seed: int,
-                           train_feats, val_feats, passes: int, lr: float, on_epoch) -> None:
+def train_head_on_features(
+    model: Classifier,
+    head: str,
+    batch_size: int,
+    weight_decay: float,
+    label_smoothing: float,
+    seed: int,
+    train_feats,
+    val_feats,
+    passes: int,
+    lr: float,
+    on_epoch,
+) -> None:
     """The head alone, many passes over cached features; ``on_epoch(pass, train stats, val logits)`` after each."""
     device = next(itertools.chain(model.head.parameters(), model.head.buffers())).device
     (xf, yf), (xv, yv) = [(x.to(device), y.to(device)) for x, y in (train_feats, val_feats)]
@@ -36,7 +48,7 @@ def train_head_on_features(model: Classifier, head: str, batch_size: int, weight
         order = torch.randperm(len(xf), generator=g)
         loss_sum = correct = 0.0
         for i in range(0, len(xf), batch_size):
-            idx = order[i: i + batch_size]
+            idx = order[i : i + batch_size]
             logits = model.head(xf[idx])
             loss = loss_fn(logits, yf[idx])
             opt.zero_grad(set_to_none=True)

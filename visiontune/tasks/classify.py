@@ -4,6 +4,7 @@ data (class folders, decoded once) -> backbone + new head -> strategy (what trai
 -> metrics.json, pictures and report. A head on a frozen base trains on cached features (cached_head.py)
 instead of pushing every image through the base each epoch.
 """
+
 from __future__ import annotations
 
 import math
@@ -88,8 +89,14 @@ def epoch_loader(dataset, batch_size: int, seed: int, epoch: int, workers: int) 
     sampler = distributed.epoch_sampler(dataset, seed * 100_003, epoch)
     per_process = distributed.per_process_batch(batch_size)
     drop_last = sampler.num_samples % per_process == 1  # a batch of one breaks BatchNorm in train mode
-    return DataLoader(distributed.SeededPerSample(dataset, seed, epoch), batch_size=per_process, sampler=sampler,
-                      drop_last=drop_last, num_workers=workers, persistent_workers=False)
+    return DataLoader(
+        distributed.SeededPerSample(dataset, seed, epoch),
+        batch_size=per_process,
+        sampler=sampler,
+        drop_last=drop_last,
+        num_workers=workers,
+        persistent_workers=False,
+    )
 
 
 class ClassifyTask:
@@ -123,9 +130,15 @@ class ClassifyTask:
         # WiSE-FT averages with the pretrained base; taken before a resume loads the checkpoint, so it is the same then
         keep_base = cfg.wise_alpha < 1.0 and backbone.pretrained != "none"
         self.pretrained_base = wise.pretrained_snapshot(self.model.backbone) if keep_base else None
-        self.phases = strategies.plan(cfg.strategy, backbone.stages, cfg.epochs, trainable_stages=cfg.trainable_stages,
-                                      freeze_until=cfg.freeze_until, head_epochs=recipe.head_epochs,
-                                      backbone_lr_scale=recipe.backbone_lr_scale)
+        self.phases = strategies.plan(
+            cfg.strategy,
+            backbone.stages,
+            cfg.epochs,
+            trainable_stages=cfg.trainable_stages,
+            freeze_until=cfg.freeze_until,
+            head_epochs=recipe.head_epochs,
+            backbone_lr_scale=recipe.backbone_lr_scale,
+        )
         train_imgs, train_labels, self.bad_train = decode_all(self.train_s, resize, cfg.skip_bad)
         val_imgs, self.val_labels, self.bad_val = decode_all(self.val_s, resize, cfg.skip_bad)
         self.train_ds = DecodedImages(train_imgs, train_labels, classification_train(size, prep.mean, prep.std, recipe.crop_scale_min))
@@ -133,10 +146,17 @@ class ClassifyTask:
         self.val_loader = DataLoader(distributed.shard(self.val_ds), batch_size=64, shuffle=False, num_workers=cfg.workers)
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
         self.meta = ClassifierMeta(
-            model=backbone.name, classes=self.train_s.classes, pretrained=backbone.pretrained, head=cfg.head,
-            num_features=backbone.num_features, bank_size=bank_size, strategy=cfg.strategy, recipe=cfg.recipe,
+            model=backbone.name,
+            classes=self.train_s.classes,
+            pretrained=backbone.pretrained,
+            head=cfg.head,
+            num_features=backbone.num_features,
+            bank_size=bank_size,
+            strategy=cfg.strategy,
+            recipe=cfg.recipe,
             preprocessing=EvalPreprocessing(list(prep.mean), list(prep.std), size, resize),
-            advice=self.advice.as_dict() if self.advice else None)
+            advice=self.advice.as_dict() if self.advice else None,
+        )
 
     def optimizer(self, start_epoch: int):
         """Two parameter groups, backbone then head, always: resume then finds the same groups in every phase."""
@@ -164,8 +184,9 @@ class ClassifyTask:
         val = distributed.computed_on_main(lambda: self._features(self.val_s, self.val_ds, 1, 0, "val"))
         head_args = (self.model, cfg.head, cfg.batch_size, cfg.weight_decay, self.recipe.label_smoothing, cfg.seed, train, val)
         if STRATEGIES[cfg.strategy].frozen_base:  # the whole run is the head on cached features
-            train_head_on_features(*head_args, cfg.epochs, cfg.lr,
-                                   lambda p, stats, logits: self._record(record, p, "linear (cached features)", stats, logits))
+            train_head_on_features(
+                *head_args, cfg.epochs, cfg.lr, lambda p, stats, logits: self._record(record, p, "linear (cached features)", stats, logits)
+            )
             return cfg.epochs
         last = {}  # staged: the head's passes on cached features count as the head phase
 
@@ -177,9 +198,19 @@ class ClassifyTask:
         return first.epochs
 
     def _features(self, samples, dataset, views: int, seed: int, split: str):
-        return cached_extract(self.meta.model, self.model.backbone, dataset, [p for p, _ in samples.items],
-                              f"decode {self.meta.preprocessing.resize_size}; {dataset.transform!r}", views, seed, self.cfg.cache_dir,
-                              self.bf16, desc=f"features ({split})", progress=self.progress)
+        return cached_extract(
+            self.meta.model,
+            self.model.backbone,
+            dataset,
+            [p for p, _ in samples.items],
+            f"decode {self.meta.preprocessing.resize_size}; {dataset.transform!r}",
+            views,
+            seed,
+            self.cfg.cache_dir,
+            self.bf16,
+            desc=f"features ({split})",
+            progress=self.progress,
+        )
 
     def epoch_loader(self, epoch: int) -> DataLoader:
         return epoch_loader(self.train_ds, self.cfg.batch_size, self.cfg.seed, epoch, self.cfg.workers)
@@ -212,8 +243,13 @@ class ClassifyTask:
         m = classification_metrics(logits.cpu(), torch.as_tensor(self.val_labels), self.train_s.classes)
         fields = {"phase": phase, **stats, "val_loss": m["loss"], "val_accuracy": m["accuracy"], "lr": stats.get("lr")}
         train_loss = f"{stats['train_loss']:.4f}" if stats.get("train_loss") is not None else "-"
-        record(epoch, fields, m["accuracy"], {"val_accuracy": m["accuracy"]},
-               f"[{phase}] train_loss {train_loss}  val_loss {m['loss']:.4f}  val_acc {m['accuracy']:.4f}")
+        record(
+            epoch,
+            fields,
+            m["accuracy"],
+            {"val_accuracy": m["accuracy"]},
+            f"[{phase}] train_loss {train_loss}  val_loss {m['loss']:.4f}  val_acc {m['accuracy']:.4f}",
+        )
 
     def finish(self, out: Path, state) -> dict:
         """Reload the best model, write metrics.json, the pictures and report.html."""
@@ -229,10 +265,22 @@ class ClassifyTask:
         trainable, total = self.model.count_params()
         train_seconds = state.elapsed()
         metrics = {
-            "task": "classification", "best_val_accuracy": state.best, "best_epoch": state.best_epoch, "final_val_accuracy": final_acc,
-            "epochs": cfg.epochs, "train_seconds": round(train_seconds, 2), "strategy": cfg.strategy, "model": self.meta.model,
-            "head": cfg.head, "recipe": cfg.recipe, "trainable_params": trainable, "total_params": total, "classes": classes,
-            "per_class": m["per_class"], "confusion_matrix": m["confusion_matrix"], "skipped_bad_images": self.bad_train + self.bad_val,
+            "task": "classification",
+            "best_val_accuracy": state.best,
+            "best_epoch": state.best_epoch,
+            "final_val_accuracy": final_acc,
+            "epochs": cfg.epochs,
+            "train_seconds": round(train_seconds, 2),
+            "strategy": cfg.strategy,
+            "model": self.meta.model,
+            "head": cfg.head,
+            "recipe": cfg.recipe,
+            "trainable_params": trainable,
+            "total_params": total,
+            "classes": classes,
+            "per_class": m["per_class"],
+            "confusion_matrix": m["confusion_matrix"],
+            "skipped_bad_images": self.bad_train + self.bad_val,
             "skipped_non_images": self.train_s.skipped,
         }
         if self.meta.advice:
@@ -245,6 +293,8 @@ class ClassifyTask:
         write_report(out)
         if not cfg.quiet:
             print(f"best val accuracy {state.best:.4f} (epoch {state.best_epoch}), final {final_acc:.4f}, {train_seconds:.0f}s", flush=True)
-            print(f"outputs in {out}/: model.safetensors metrics.json log.jsonl report.html predictions.png confusion_matrix.png "
-                  "config.yaml", flush=True)
+            print(
+                f"outputs in {out}/: model.safetensors metrics.json log.jsonl report.html predictions.png confusion_matrix.png config.yaml",
+                flush=True,
+            )
         return metrics

@@ -5,6 +5,7 @@ horizontal flip), with what makes it faster on a CPU: images decoded once, batch
 channels_last, bf16 autocast in training where the hardware has it (``--precision``). Gradient-norm clipping
 keeps heads trained from scratch from diverging. Validation is COCO bbox (and segm) AP (metrics/coco.py).
 """
+
 from __future__ import annotations
 
 import logging
@@ -91,20 +92,40 @@ class DetectTask:
         self.device = device
         self.train_records, self.val_records, self.data = load_splits(cfg)
         model_name = resolve_model_name(cfg.model, self.data.has_masks)
-        self.model = build_detector(model_name, len(self.data.classes) + 1, backbone=cfg.backbone, weights=cfg.weights,
-                                    backbone_weights=cfg.backbone_weights, neck=cfg.neck,
-                                    trainable_backbone_layers=cfg.trainable_backbone_layers, min_size=cfg.min_size,
-                                    max_size=cfg.max_size, rois_per_image=cfg.rois_per_image)
+        self.model = build_detector(
+            model_name,
+            len(self.data.classes) + 1,
+            backbone=cfg.backbone,
+            weights=cfg.weights,
+            backbone_weights=cfg.backbone_weights,
+            neck=cfg.neck,
+            trainable_backbone_layers=cfg.trainable_backbone_layers,
+            min_size=cfg.min_size,
+            max_size=cfg.max_size,
+            rois_per_image=cfg.rois_per_image,
+        )
         self.has_masks = self.data.has_masks and is_mask_model(model_name)  # a boxes-only model has no segm AP
         self.train_ds = DetectionDataset(self.train_records, train=True)
         self.workers = 0 if cfg.workers is None else cfg.workers
         self.steps_per_epoch = len(distributed.split_batches(grouped_batches(self.train_ds, cfg.batch_size, torch.Generator())))
-        self.meta = DetectorMeta(model=model_name, classes=self.data.classes, pretrained=getattr(self.model, "pretrained", "none"),
-                                 backbone=cfg.backbone, neck=cfg.neck, category_ids=self.data.category_ids, masks=self.has_masks,
-                                 data_format=cfg.format, min_size=cfg.min_size, max_size=cfg.max_size)
+        self.meta = DetectorMeta(
+            model=model_name,
+            classes=self.data.classes,
+            pretrained=getattr(self.model, "pretrained", "none"),
+            backbone=cfg.backbone,
+            neck=cfg.neck,
+            category_ids=self.data.category_ids,
+            masks=self.has_masks,
+            data_format=cfg.format,
+            min_size=cfg.min_size,
+            max_size=cfg.max_size,
+        )
         if progress:
-            print(f"{model_name}{' on ' + cfg.backbone if cfg.backbone else ''}, {len(self.data.classes)} class(es), "
-                  f"{len(self.train_records)} train / {len(self.val_records)} val images, {self.steps_per_epoch} steps per epoch", flush=True)
+            print(
+                f"{model_name}{' on ' + cfg.backbone if cfg.backbone else ''}, {len(self.data.classes)} class(es), "
+                f"{len(self.train_records)} train / {len(self.val_records)} val images, {self.steps_per_epoch} steps per epoch",
+                flush=True,
+            )
 
     def optimizer(self, start_epoch: int):
         cfg = self.cfg
@@ -112,8 +133,9 @@ class DetectTask:
         steps = self.steps_per_epoch
         for group in optimizer.param_groups:
             group.setdefault("initial_lr", group["lr"])
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps, cfg.lr_step),
-                                                      last_epoch=start_epoch * steps - 1)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_factor(s, steps, cfg.lr_step), last_epoch=start_epoch * steps - 1
+        )
         return optimizer, scheduler, steps
 
     def data_check(self) -> dict:
@@ -137,16 +159,20 @@ class DetectTask:
 
     def summarize(self, totals: dict, seconds: float) -> dict:
         n = max(1, totals["steps"])
-        return {"train_loss": totals["loss_sum"] / n if totals["steps"] else None,
-                **{k: v / n for k, v in totals.items() if k.startswith("loss_")},
-                "first_step_loss": totals["first_step_loss"], "last_step_loss": totals["last_step_loss"]}
+        return {
+            "train_loss": totals["loss_sum"] / n if totals["steps"] else None,
+            **{k: v / n for k, v in totals.items() if k.startswith("loss_")},
+            "first_step_loss": totals["first_step_loss"],
+            "last_step_loss": totals["last_step_loss"],
+        }
 
     def validate(self, epoch: int, stats: dict, record) -> None:
         m = evaluate_sharded(self.model, self.val_records, self.data.classes, self.has_masks, self.device)
         overall = {k: v for k, v in m.items() if k != "per_class"}
         shown = "  ".join(f"{k} {m[k]:.3f}" for k in m if k.endswith(("_AP", "_AP50")))
-        record(epoch, {**stats, **overall}, m["segm_AP" if self.has_masks else "bbox_AP"], overall,
-               f"loss {stats['train_loss']:.3f}  {shown}")
+        record(
+            epoch, {**stats, **overall}, m["segm_AP" if self.has_masks else "bbox_AP"], overall, f"loss {stats['train_loss']:.3f}  {shown}"
+        )
 
     def finish(self, out: Path, state) -> dict:
         """Reload the best model, write metrics.json, predictions.png and report.html."""
@@ -159,9 +185,18 @@ class DetectTask:
         m, outputs = evaluate_model(self.model, self.val_records, data.classes, self.has_masks, self.device)
         train_seconds = state.history[-1]["elapsed_seconds"] if state.history else 0.0
         metrics = {"task": "detection", **{k: m[k] for k in m if k != "per_class"}}
-        metrics.update(epochs=cfg.epochs, best_epoch=state.best_epoch, train_seconds=round(train_seconds, 2), model=self.meta.model,
-                       backbone=cfg.backbone, classes=data.classes, per_class=m["per_class"], train_images=len(self.train_records),
-                       val_images=len(self.val_records), dropped_degenerate_boxes=data.dropped_boxes)
+        metrics.update(
+            epochs=cfg.epochs,
+            best_epoch=state.best_epoch,
+            train_seconds=round(train_seconds, 2),
+            model=self.meta.model,
+            backbone=cfg.backbone,
+            classes=data.classes,
+            per_class=m["per_class"],
+            train_images=len(self.train_records),
+            val_images=len(self.val_records),
+            dropped_degenerate_boxes=data.dropped_boxes,
+        )
         write_json(out / "metrics.json", metrics)
         detection_predictions_png(out / "predictions.png", self.val_records[:6], outputs[:6], data.classes)
         write_report(out)
