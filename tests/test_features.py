@@ -12,7 +12,7 @@ from conftest import make_class_folders
 from torch import nn
 
 from visiontune.cli import main
-from visiontune.data.classification import DecodedImages, decode_all, scan_folder
+from visiontune.data.classification import open_images, scan_folder
 from visiontune.data.transforms import classification_train
 from visiontune.engine import features as F
 
@@ -35,15 +35,14 @@ def setup(tmp_path, monkeypatch):
     """Images on disk, a random-augmenting dataset over them, a tiny backbone, and a counter of real extractions."""
     root = make_class_folders(tmp_path / "data", per_class=3, splits=("train",)) / "train"
     samples = scan_folder(root)
-    images, labels, _ = decode_all(samples, 40)
-    ds = DecodedImages(images, labels, classification_train(32, (0.5,) * 3, (0.5,) * 3, 0.25))
-    paths = [p for p, _ in samples.items]
+    ds, _ = open_images(samples, 40, classification_train(32, (0.5,) * 3, (0.5,) * 3, 0.25), "ram", progress=False)
+    paths = ds.paths
     calls = []
     real_extract = F.extract
     monkeypatch.setattr(F, "extract", lambda *a, **k: calls.append(1) or real_extract(*a, **k))
 
     def run(backbone=None, name="tiny", prep=PREP, views=2, seed=0):
-        return F.cached_extract(name, backbone or TinyBackbone(), ds, paths, prep, views, seed, tmp_path / "cache", progress=False)
+        return F.cached_extract(name, backbone or TinyBackbone(), ds, prep, views, seed, tmp_path / "cache", progress=False)
 
     run.dataset, run.paths = ds, paths
     return run, calls, paths, tmp_path / "cache"
@@ -117,7 +116,7 @@ def test_unwritable_cache_dir_costs_only_speed(setup, tmp_path, caplog):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     with caplog.at_level(logging.WARNING, logger="visiontune"):
-        feats, _ = F.cached_extract("tiny", TinyBackbone(), run.dataset, run.paths, PREP, 1, 0, blocker / "cache", progress=False)
+        feats, _ = F.cached_extract("tiny", TinyBackbone(), run.dataset, PREP, 1, 0, blocker / "cache", progress=False)
     assert feats.shape == (6, 8) and "could not write the feature cache" in caplog.text
 
 
@@ -149,3 +148,17 @@ def test_training_runs_share_the_cache(tmp_path, monkeypatch):
     assert main([*args, "--out", str(tmp_path / "b")]) == 0
     a, b = (json.loads((tmp_path / r / "metrics.json").read_text()) for r in ("a", "b"))
     assert a["best_val_accuracy"] == b["best_val_accuracy"] >= 0.9
+
+
+def test_streamed_features_equal_in_ram_features_for_any_worker_count(tmp_path):
+    """Images read from disk by 2 worker processes give the features of images held in RAM (same seed, same views)."""
+    root = make_class_folders(tmp_path / "data", per_class=4, splits=("train",)) / "train"
+    tf = classification_train(32, (0.5,) * 3, (0.5,) * 3, 0.25)
+    in_ram, _ = open_images(scan_folder(root), 40, tf, "ram", progress=False)
+    streamed, _ = open_images(scan_folder(root), 40, tf, "none", progress=False)
+    assert in_ram.in_ram and not streamed.in_ram
+    torch.manual_seed(0)
+    backbone = TinyBackbone()
+    a, ya = F.extract(backbone, in_ram, views=2, seed=3, progress=False)
+    b, yb = F.extract(backbone, streamed, views=2, seed=3, progress=False, workers=2)
+    assert a.shape == (16, 8) and torch.equal(ya, yb) and torch.equal(a, b)

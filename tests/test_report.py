@@ -128,7 +128,7 @@ def test_gallery_shows_mistakes_first(tmp_path):
     labels = torch.tensor([0, 0, 1, 1, 0])
     logits = torch.tensor([[3.0, 0.0], [0.0, 1.0], [0.0, 2.0], [2.5, 0.0], [0.5, 0.0]])  # 1 and 3 are wrong
     images = [torch.full((3, 20, 24), 30 * i, dtype=torch.uint8) for i in range(5)]
-    write_val_predictions(tmp_path / "val_predictions.json", images, logits, labels, classes)
+    write_val_predictions(tmp_path / "val_predictions.json", images.__getitem__, logits, labels, classes)
     items = json.loads((tmp_path / "val_predictions.json").read_text())["items"]
     assert [it["index"] for it in items] == [3, 1, 4, 2, 0]  # confident mistakes first, then the least sure correct
     assert [it["correct"] for it in items] == [False, False, True, True, True]

@@ -18,6 +18,7 @@ partial; large and dissimilar -> full.
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .config import ClassifyConfig
-from .data.classification import DecodedImages, Samples, decode_all, find_splits
+from .data.classification import Samples, find_splits, open_images
 from .data.transforms import classification_eval
 from .engine.features import extract
 from .engine.runtime import select_device
@@ -133,11 +134,19 @@ def choose_strategy(cfg: ClassifyConfig) -> Advice:
         size = cfg.image_size or prep.input_size
         resize = prep.resize_for(size)
         sample = _probe_sample(train_s, PROBE_PER_CLASS, cfg.seed)
-        images, labels, _ = decode_all(sample, resize, skip_bad=True)
+        images, _ = open_images(
+            sample,
+            resize,
+            classification_eval(size, resize, prep.mean, prep.std),
+            "ram",
+            skip_bad=True,
+            threads=len(os.sched_getaffinity(0)),
+            progress=not cfg.quiet,
+        )
         start = time.perf_counter()
         feats, ys = extract(
             backbone.module.to(device),
-            DecodedImages(images, labels, classification_eval(size, resize, prep.mean, prep.std)),
+            images,
             desc="advisor: features",
             progress=not cfg.quiet,
         )

@@ -64,7 +64,16 @@ class ClassifyConfig:
     )
     image_size: int | None = setting(None, "training crop size in pixels (default: the backbone's, e.g. 224)")
     views: int | None = setting(None, "augmented views per training image in the feature cache (default: the recipe's)")
-    workers: int | None = setting(None, "DataLoader worker processes (default: 0; images are decoded once, in memory)")
+    workers: int | None = setting(
+        None,
+        "DataLoader worker processes that read and augment images (default: one per core when images are read from disk, "
+        "0 when they are held in RAM)",
+    )
+    cache_images: str = setting(
+        "auto",
+        "ram: decode every image once and hold it (fast epochs; memory grows with the images); none: read each image "
+        "from disk when needed (flat memory); auto: ram while the decoded images fit 1 GiB (~4,000 photos), else none",
+    )
     seed: int = setting(0, "random seed: the same seed gives the same run")
     device: str = setting("auto", "auto, cpu, cuda or mps")
     precision: str = setting("auto", "auto (bf16 autocast where the hardware computes bf16 natively, else fp32), bf16 or fp32")
@@ -91,6 +100,7 @@ class ClassifyConfig:
             raise UserError(f"--wise-alpha: must be in (0, 1], got {self.wise_alpha}")
         _check_range("--views", self.views, 1, 100)
         _check_range("--workers", self.workers, 0, 64)
+        _check_choice("--cache-images", self.cache_images, ("auto", "ram", "none"))
         _check_choice("--precision", self.precision, ("auto", "bf16", "fp32"))
         _check_range("--trainable-stages", self.trainable_stages, 0, 1000)
         _check_range("--checkpoint-every", self.checkpoint_every, 0, 10**9)

@@ -51,9 +51,10 @@ def _thumbnail_jpeg(image: torch.Tensor) -> str:
 
 
 def write_val_predictions(
-    path: Path, images: list[torch.Tensor], logits: torch.Tensor, labels: torch.Tensor, classes: list[str], paths: list[str] | None = None
+    path: Path, image_at, logits: torch.Tensor, labels: torch.Tensor, classes: list[str], paths: list[str] | None = None
 ) -> None:
-    """Every validation prediction, in gallery order, with thumbnails for the first ``GALLERY_SIZE``."""
+    """Every validation prediction, in gallery order, with thumbnails for the first ``GALLERY_SIZE``
+    (``image_at(i)``: validation image ``i`` as uint8 CHW; only those are read)."""
     probs = logits.float().softmax(1)
     conf, pred = probs.max(1)
     order = gallery_order(labels.tolist(), pred.tolist(), conf.tolist())
@@ -70,7 +71,7 @@ def write_val_predictions(
         if paths is not None:
             item["path"] = str(paths[i])
         if rank < GALLERY_SIZE:
-            item["thumbnail_jpeg"] = _thumbnail_jpeg(images[i])
+            item["thumbnail_jpeg"] = _thumbnail_jpeg(image_at(i))
         items.append(item)
     atomic_write_text(path, json.dumps({"classes": classes, "items": items}) + "\n")
 

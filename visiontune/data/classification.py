@@ -1,4 +1,4 @@
-"""Image folders -> samples and class names; a dataset that decodes and downsizes each image once.
+"""Image folders -> samples and class names; a dataset of their images, decoded when read or held in RAM.
 
 Layouts: ``DIR/train/<class>/*`` + ``DIR/val/<class>/*`` (the tutorial's), or ``DIR/<class>/*`` with a
 seeded, stratified ``val_split``, or an explicit ``val_data`` folder.
@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import logging
 import random
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
+from tqdm import tqdm
 
 from ..errors import UserError
 from .images import BadImage, is_image_file, load_rgb
@@ -112,37 +115,97 @@ def find_splits(
     return train, val
 
 
-def decode_all(samples: Samples, short_side: int, skip_bad: bool = False) -> tuple[list[torch.Tensor], list[int], list[str]]:
-    """Decode each image once and downsize its shorter side to ``short_side`` (uint8 CHW tensors)."""
-    from tqdm import tqdm
-
-    images, labels, bad = [], [], []
-    for path, y in tqdm(samples.items, desc="decode", unit="img", leave=False, disable=None):
-        try:
-            im = load_rgb(path)
-        except BadImage as e:
-            if not skip_bad:
-                raise UserError(f"{e} (pass --skip-bad to skip bad images)") from None
-            bad.append(str(e))
-            continue
-        t = TF.pil_to_tensor(im)
-        if min(t.shape[-2:]) != short_side:
-            t = TF.resize(t, short_side, antialias=True)
-        images.append(t.contiguous())
-        labels.append(y)
-    if bad:
-        log.warning("skipped %d bad image(s): %s", len(bad), "; ".join(bad[:3]))
-    return images, labels, bad
+def load_downsized(path: str | Path, short_side: int) -> torch.Tensor:
+    """One image as a uint8 CHW tensor with its shorter side ``short_side`` (antialiased; large JPEGs decoded smaller)."""
+    t = TF.pil_to_tensor(load_rgb(path, short_side))
+    return (TF.resize(t, short_side, antialias=True) if min(t.shape[-2:]) != short_side else t).contiguous()
 
 
-class DecodedImages(Dataset):
-    """Pre-decoded uint8 images; ``transform`` (torchvision v2) turns each into a normalized float tensor."""
+class ClassImages(Dataset):
+    """(transformed image, class index) per file: decoded and downsized when read (in DataLoader workers), or held
+    decoded in RAM (``images``). ``transform`` (torchvision v2) turns the uint8 image into a normalized float tensor."""
 
-    def __init__(self, images: list[torch.Tensor], labels: list[int], transform):
-        self.images, self.labels, self.transform = images, labels, transform
+    def __init__(self, items: list[tuple[Path, int]], short_side: int, transform, images: list[torch.Tensor] | None = None):
+        self.items, self.short_side, self.transform, self.images = items, short_side, transform, images
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.items)
+
+    @property
+    def labels(self) -> list[int]:
+        return [y for _, y in self.items]
+
+    @property
+    def paths(self) -> list[Path]:
+        return [p for p, _ in self.items]
+
+    @property
+    def in_ram(self) -> bool:
+        return self.images is not None
+
+    def decoded(self, i: int) -> torch.Tensor:
+        """Image ``i`` as uint8, downsized, before the transform."""
+        if self.images is not None:
+            return self.images[i]
+        try:
+            return load_downsized(self.items[i][0], self.short_side)
+        except BadImage as e:  # its header was read at the start; its pixels were not
+            raise UserError(
+                f"{e}; found while reading the images (remove the file, or pass --cache-images ram to check every image before training)"
+            ) from None
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.transform(self.images[i]), self.labels[i]
+        return self.transform(self.decoded(i)), self.items[i][1]
+
+    def with_transform(self, transform) -> ClassImages:
+        """The same images (and RAM) under another transform."""
+        return ClassImages(self.items, self.short_side, transform, self.images)
+
+
+RAM_BUDGET_BYTES = 1 << 30  # --cache-images auto holds decoded images in RAM up to this much (~4,000 images at 256 px)
+CACHE_MODES = ("auto", "ram", "none")
+
+
+def estimated_bytes(n_images: int, short_side: int) -> int:
+    """Decoded, downsized uint8 RGB images of a 4:3 aspect (the common photo)."""
+    return n_images * short_side * (short_side * 4 // 3) * 3
+
+
+def open_images(
+    samples: Samples, short_side: int, transform, cache: str = "auto", skip_bad: bool = False, threads: int = 2, progress: bool = True
+) -> tuple[ClassImages, list[str]]:
+    """The images of ``samples`` as a dataset, and the bad files skipped (``skip_bad``; else the first is an error).
+
+    ``cache``: "ram" decodes every image now (in ``threads`` threads) and holds it; "none" reads each when needed,
+    after reading every file's header now; "auto": "ram" while the images fit ``RAM_BUDGET_BYTES``, else "none".
+    """
+    if cache not in CACHE_MODES:
+        raise UserError(f"--cache-images: unknown mode {cache!r}; choose {', '.join(CACHE_MODES)}")
+    in_ram = cache == "ram" or (cache == "auto" and estimated_bytes(len(samples), short_side) <= RAM_BUDGET_BYTES)
+    work = partial(load_downsized, short_side=short_side) if in_ram else partial(load_rgb, header_only=True)
+    items, images, bad = [], [], []
+    with ThreadPoolExecutor(max(1, threads)) as pool:  # PIL and torch release the GIL while they decode and resize
+        chunks = (samples.items[i : i + 1024] for i in range(0, len(samples), 1024))  # a million files: not a million futures
+        results = (r for chunk in chunks for r in pool.map(lambda item: _attempt(work, item[0]), chunk))
+        desc = "decode" if in_ram else "check headers"
+        for item, (image, error) in tqdm(
+            zip(samples.items, results), total=len(samples), desc=desc, unit="img", leave=False, disable=not progress or None
+        ):
+            if error is not None:
+                if not skip_bad:
+                    raise UserError(f"{error} (pass --skip-bad to skip bad images)")
+                bad.append(str(error))
+                continue
+            items.append(item)
+            if in_ram:
+                images.append(image)
+    if bad:
+        log.warning("skipped %d bad image(s): %s", len(bad), "; ".join(bad[:3]))
+    return ClassImages(items, short_side, transform, images if in_ram else None), bad
+
+
+def _attempt(work, path: Path):
+    try:
+        return work(path), None
+    except BadImage as e:
+        return None, e

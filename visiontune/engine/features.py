@@ -23,18 +23,20 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from ..checkpoint import atomic_write, weights_digest
-from ..data.classification import DecodedImages
+from ..data.classification import ClassImages
+from .distributed import SeededPerSample
 
 log = logging.getLogger("visiontune")
-CACHE_FORMAT = "visiontune-features/1"
+CACHE_FORMAT = "visiontune-features/2"  # 2: views seeded per image (any worker count)
 
 
 @torch.no_grad()
 def extract(
     backbone: nn.Module,
-    dataset: DecodedImages,
+    dataset: ClassImages,
     views: int = 1,
     batch_size: int = 32,
     seed: int = 0,
@@ -42,28 +44,32 @@ def extract(
     bf16: bool = False,
     desc: str = "features",
     progress: bool = True,
+    workers: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features of ``views`` passes over ``dataset`` (its transform may be random): (views*N, F), (views*N,) in float32."""
-    from tqdm import tqdm
+    """Features of ``views`` passes over ``dataset`` (its transform may be random): (views*N, F), (views*N,) in float32.
 
+    Images stream through ``workers`` DataLoader processes (decoded there unless held in RAM); only the features are
+    kept. Each image's augmentation in view v is seeded by (seed, v, index): the same features for any worker count.
+    """
     backbone.eval()
     device = next(backbone.parameters()).device
-    feats, labels = [], []
-    gen = torch.Generator().manual_seed(seed)
-    total = views * len(dataset)
-    with tqdm(total=total, desc=desc, unit="img", leave=False, disable=not progress) as bar:
-        for _ in range(views):
-            # The transforms draw from torch's global RNG: seed it per view so the cache is repeatable.
-            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-            for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0):
+    n = len(dataset)
+    feats, labels = None, torch.empty(views * n, dtype=torch.long)
+    with tqdm(total=views * n, desc=desc, unit="img", leave=False, disable=not progress) as bar:
+        for view in range(views):
+            row = view * n
+            for x, y in DataLoader(SeededPerSample(dataset, seed, view), batch_size=batch_size, shuffle=False, num_workers=workers):
                 x = x.to(device, non_blocking=True)
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    feats.append(backbone(x).float().cpu())  # the cache lives on the CPU
-                labels.append(torch.as_tensor(y))
+                    f = backbone(x).float().cpu()  # the cache lives on the CPU
+                if feats is None:
+                    feats = torch.empty(views * n, f.shape[1])
+                feats[row : row + len(y)], labels[row : row + len(y)] = f, torch.as_tensor(y)
+                row += len(y)
                 bar.update(len(y))
-    return torch.cat(feats), torch.cat(labels)
+    return (feats if feats is not None else torch.empty(0, 0)), labels
 
 
 # --------------------------------------------------------------------------------------------- on-disk cache
@@ -76,13 +82,14 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "visiontune" / "features"
 
 
-def file_fingerprints(paths: list[str | Path]) -> list[list]:
-    """[absolute path, size, mtime in ns] per image: a changed or replaced file changes the key."""
-    out = []
+def file_fingerprints(paths: list[str | Path]) -> dict:
+    """How many files, and a SHA-256 over each one's absolute path, size and mtime in ns: a changed, added or
+    replaced file changes it, and the key stays small for a million files."""
+    h = hashlib.sha256()
     for p in paths:
         st = os.stat(p)
-        out.append([str(Path(p).resolve()), st.st_size, st.st_mtime_ns])
-    return out
+        h.update(f"{Path(p).resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return {"count": len(paths), "sha256": h.hexdigest()}
 
 
 def cache_key(
@@ -143,8 +150,7 @@ def load_features(path: Path, key: dict) -> tuple[torch.Tensor, torch.Tensor] | 
 def cached_extract(
     backbone_name: str,
     backbone: nn.Module,
-    dataset: DecodedImages,
-    paths: list[str | Path],
+    dataset: ClassImages,
     preprocessing: str,
     views: int = 1,
     seed: int = 0,
@@ -152,21 +158,21 @@ def cached_extract(
     bf16: bool = False,
     desc: str = "features",
     progress: bool = True,
+    workers: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``extract`` through the on-disk cache: reuse the features when every input is unchanged, else compute and store.
 
-    ``paths`` are the files behind ``dataset``'s images, in order; ``preprocessing`` describes how they became
-    tensors (decode size and the transform). ``cache_dir="none"`` turns the disk cache off.
+    ``preprocessing`` describes how the files (``dataset.paths``) became tensors (decode size and the transform). ``cache_dir="none"`` turns the disk cache off.
     """
     if str(cache_dir).lower() == "none":
-        return extract(backbone, dataset, views, seed=seed, bf16=bf16, desc=desc, progress=progress)
-    key = cache_key(backbone_name, backbone, preprocessing, views, seed, paths, bf16)
+        return extract(backbone, dataset, views, seed=seed, bf16=bf16, desc=desc, progress=progress, workers=workers)
+    key = cache_key(backbone_name, backbone, preprocessing, views, seed, dataset.paths, bf16)
     path = cache_path(cache_dir or default_cache_dir(), key)
     hit = load_features(path, key)
     if hit is not None:
         log.info("features from cache %s", path)
         return hit
-    feats, labels = extract(backbone, dataset, views, seed=seed, bf16=bf16, desc=desc, progress=progress)
+    feats, labels = extract(backbone, dataset, views, seed=seed, bf16=bf16, desc=desc, progress=progress, workers=workers)
     try:
         save_features(path, key, feats, labels)
     except OSError as e:  # a read-only or full disk costs speed next time, never this run

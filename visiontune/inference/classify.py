@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 from torchvision.transforms.v2 import functional as TF
 
-from ..data.classification import DecodedImages, Samples, decode_all, scan_folder
+from ..data.classification import Samples, open_images, scan_folder
 from ..data.images import expand_inputs, load_rgb
 from ..data.transforms import classification_eval
 from ..errors import UserError
@@ -34,8 +35,9 @@ def evaluate(run_or_file: str | Path, data: str | Path, skip_bad: bool = False, 
         raise UserError(f"--data: classes the model does not know: {', '.join(unknown)} (it knows {', '.join(meta.classes)})")
     remap = {i: meta.classes.index(c) for i, c in enumerate(samples.classes)}
     samples = Samples([(p, remap[y]) for p, y in samples.items], meta.classes)
-    images, labels, _ = decode_all(samples, meta.preprocessing.resize_size, skip_bad)
-    logits, labels_t = predict_logits(model, DataLoader(DecodedImages(images, labels, eval_transform(meta)), batch_size=32))
+    cores = len(os.sched_getaffinity(0))
+    images, _ = open_images(samples, meta.preprocessing.resize_size, eval_transform(meta), "none", skip_bad, threads=cores, progress=False)
+    logits, labels_t = predict_logits(model, DataLoader(images, batch_size=32, num_workers=cores))
     return classification_metrics(logits, labels_t, meta.classes)
 
 

@@ -8,6 +8,7 @@ instead of pushing every image through the base each epoch.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from torch.utils.data import DataLoader
 from .. import checkpoint as ckpt
 from .. import strategies
 from ..config import ClassifyConfig
-from ..data.classification import DecodedImages, decode_all, find_splits
+from ..data.classification import find_splits, open_images
 from ..data.transforms import classification_eval, classification_train
 from ..engine import distributed, loop, wise
 from ..engine.features import cached_extract
@@ -49,7 +50,6 @@ def resolve_settings(cfg: ClassifyConfig) -> tuple[ClassifyConfig, Recipe]:
         weight_decay=recipe.weight_decay if cfg.weight_decay is None else cfg.weight_decay,
         views=cfg.views or recipe.views,
         wise_alpha=recipe.wise_alpha if cfg.wise_alpha is None else cfg.wise_alpha,
-        workers=0 if cfg.workers is None else cfg.workers,
     )
     if cfg.head in SKLEARN_HEADS and not STRATEGIES[cfg.strategy].frozen_base:
         raise UserError(f"--head {cfg.head}: only with --strategy linear (it is fitted on cached features)")
@@ -139,11 +139,14 @@ class ClassifyTask:
             head_epochs=recipe.head_epochs,
             backbone_lr_scale=recipe.backbone_lr_scale,
         )
-        train_imgs, train_labels, self.bad_train = decode_all(self.train_s, resize, cfg.skip_bad)
-        val_imgs, self.val_labels, self.bad_val = decode_all(self.val_s, resize, cfg.skip_bad)
-        self.train_ds = DecodedImages(train_imgs, train_labels, classification_train(size, prep.mean, prep.std, recipe.crop_scale_min))
-        self.val_ds = DecodedImages(val_imgs, self.val_labels, classification_eval(size, resize, prep.mean, prep.std))
-        self.val_loader = DataLoader(distributed.shard(self.val_ds), batch_size=64, shuffle=False, num_workers=cfg.workers)
+        cores = len(os.sched_getaffinity(0))
+        images = dict(cache=cfg.cache_images, skip_bad=cfg.skip_bad, threads=cores, progress=progress)
+        train_tf = classification_train(size, prep.mean, prep.std, recipe.crop_scale_min)
+        self.train_ds, self.bad_train = open_images(self.train_s, resize, train_tf, **images)
+        self.val_ds, self.bad_val = open_images(self.val_s, resize, classification_eval(size, resize, prep.mean, prep.std), **images)
+        # images held in RAM transform fast in this process; images read from disk decode in one worker per core
+        self.workers = cfg.workers if cfg.workers is not None else (0 if self.train_ds.in_ram else cores)
+        self.val_loader = DataLoader(distributed.shard(self.val_ds), batch_size=64, shuffle=False, num_workers=self.workers)
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
         self.meta = ClassifierMeta(
             model=backbone.name,
@@ -180,8 +183,8 @@ class ClassifyTask:
             return 0
         fault_point("features")
         strategies.apply(self.model, first)
-        train = distributed.computed_on_main(lambda: self._features(self.train_s, self.train_ds, cfg.views, cfg.seed, "train"))
-        val = distributed.computed_on_main(lambda: self._features(self.val_s, self.val_ds, 1, 0, "val"))
+        train = distributed.computed_on_main(lambda: self._features(self.train_ds, cfg.views, cfg.seed, "train"))
+        val = distributed.computed_on_main(lambda: self._features(self.val_ds, 1, 0, "val"))
         head_args = (self.model, cfg.head, cfg.batch_size, cfg.weight_decay, self.recipe.label_smoothing, cfg.seed, train, val)
         if STRATEGIES[cfg.strategy].frozen_base:  # the whole run is the head on cached features
             train_head_on_features(
@@ -197,12 +200,11 @@ class ClassifyTask:
         self._record(record, first.epochs - 1, "head (cached features)", last["stats"], last["logits"])
         return first.epochs
 
-    def _features(self, samples, dataset, views: int, seed: int, split: str):
+    def _features(self, dataset, views: int, seed: int, split: str):
         return cached_extract(
             self.meta.model,
             self.model.backbone,
             dataset,
-            [p for p, _ in samples.items],
             f"decode {self.meta.preprocessing.resize_size}; {dataset.transform!r}",
             views,
             seed,
@@ -210,10 +212,11 @@ class ClassifyTask:
             self.bf16,
             desc=f"features ({split})",
             progress=self.progress,
+            workers=self.workers,
         )
 
     def epoch_loader(self, epoch: int) -> DataLoader:
-        return epoch_loader(self.train_ds, self.cfg.batch_size, self.cfg.seed, epoch, self.cfg.workers)
+        return epoch_loader(self.train_ds, self.cfg.batch_size, self.cfg.seed, epoch, self.workers)
 
     def before_epoch(self, epoch: int) -> None:
         self.phase = strategies.phase_at(self.phases, epoch)
@@ -240,7 +243,7 @@ class ClassifyTask:
             self._record(record, epoch, self.phase.name, stats, logits)
 
     def _record(self, record, epoch: int, phase: str, stats: dict, logits: torch.Tensor) -> None:
-        m = classification_metrics(logits.cpu(), torch.as_tensor(self.val_labels), self.train_s.classes)
+        m = classification_metrics(logits.cpu(), torch.as_tensor(self.val_ds.labels), self.train_s.classes)
         fields = {"phase": phase, **stats, "val_loss": m["loss"], "val_accuracy": m["accuracy"], "lr": stats.get("lr")}
         train_loss = f"{stats['train_loss']:.4f}" if stats.get("train_loss") is not None else "-"
         record(
@@ -260,7 +263,7 @@ class ClassifyTask:
         best_sd, _ = ckpt.load_model_file(out / "model.safetensors")
         final_acc = state.history[-1]["val_accuracy"]
         self.model.load_state_dict(best_sd)
-        logits, labels = predict_logits(self.model, DataLoader(self.val_ds, batch_size=64))
+        logits, labels = predict_logits(self.model, DataLoader(self.val_ds, batch_size=64, num_workers=self.workers))
         m = classification_metrics(logits, labels, classes)
         trainable, total = self.model.count_params()
         train_seconds = state.elapsed()
@@ -286,8 +289,8 @@ class ClassifyTask:
         if self.meta.advice:
             metrics["advice"] = self.meta.advice
         write_json(out / "metrics.json", metrics)
-        val_paths = None if self.bad_val else [str(p) for p, _ in self.val_s.items]  # aligned with val_ds only when none was skipped
-        write_val_predictions(out / "val_predictions.json", self.val_ds.images, logits, labels, classes, val_paths)
+        val_paths = [str(p) for p in self.val_ds.paths]
+        write_val_predictions(out / "val_predictions.json", self.val_ds.decoded, logits, labels, classes, val_paths)
         prediction_grid_png(out / "predictions.png", self.val_ds, logits, labels, classes, vars(self.meta.preprocessing))
         confusion_matrix_png(out / "confusion_matrix.png", m["confusion_matrix"], classes)
         write_report(out)
