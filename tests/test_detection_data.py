@@ -20,7 +20,7 @@ def test_pennfudan_boxes_come_from_masks(tmp_path):
     data = load_pennfudan(make_pennfudan(tmp_path / "pf", n=3))
     assert data.classes == ["object"] and data.has_masks
     r = data.records[1]
-    assert r.masks.shape == (2, 64, 64) and r.labels.tolist() == [1, 1]
+    assert r.read_masks().shape == (2, 64, 64) and r.labels.tolist() == [1, 1]
     expected = [[x1, y1, x2 - 1, y2 - 1] for x1, y1, x2, y2 in rectangles(1)]  # masks_to_boxes: inclusive max
     assert r.boxes.tolist() == expected
 
@@ -29,7 +29,7 @@ def test_an_image_with_no_objects_is_background(tmp_path):
     root = make_pennfudan(tmp_path / "pf", n=2)
     Image.fromarray(np.zeros((64, 64), np.uint8), "L").save(root / "PedMasks" / "img00_mask.png")
     r = load_pennfudan(root).records[0]
-    assert r.boxes.shape == (0, 4) and r.masks.shape == (0, 64, 64)
+    assert r.boxes.shape == (0, 4) and r.read_masks().shape == (0, 64, 64)
     image, target = DetectionDataset([r], train=True)[0]
     assert image.dtype == torch.float32 and target["boxes"].shape == (0, 4)
 
@@ -47,7 +47,7 @@ def test_flip_moves_boxes_and_masks(tmp_path):
     assert flipped is not None
     x1, y1, x2, y2 = r.boxes[0].tolist()
     assert flipped["boxes"][0].tolist() == [64 - x2, y1, 64 - x1, y2]
-    assert torch.equal(flipped["masks"][0], r.masks[0].flip(-1))
+    assert torch.equal(flipped["masks"][0], r.read_masks()[0].flip(-1))
 
 
 @pytest.mark.parametrize("masks", ["polygon", "rle", "none"])
@@ -60,7 +60,7 @@ def test_coco_formats_and_category_remap(tmp_path, masks):
     assert r.labels.tolist() == [2, 1]
     if masks != "none":
         x1, y1, x2, y2 = rectangles(1)[0]
-        assert int(r.masks[0].sum()) >= (x2 - x1) * (y2 - y1) * 0.9
+        assert int(r.read_masks()[0].sum()) >= (x2 - x1) * (y2 - y1) * 0.9
     gt = to_coco_api(data.records, data.classes)
     assert len(gt.getAnnIds()) == sum(len(rect) for rect in map(rectangles, range(3)))
 
@@ -153,3 +153,18 @@ def test_an_earlier_run_is_not_lost(tmp_path, capsys):
     code, err, _ = _train(capsys, tmp_path, "--data", str(root), "--overwrite")
     assert code == 2 and "PedMasks" in err
     assert (out / "model.safetensors").read_bytes() == b"earlier"
+
+
+@pytest.mark.parametrize("fmt", ["pennfudan", "polygon", "rle"])
+def test_records_hold_no_pixels_until_a_batch_reads_them(tmp_path, fmt):
+    """Loading keeps boxes, labels and sizes; images and masks come from their files (or the JSON's polygons/RLE)
+    when read, the same every time: memory does not grow with the number of images."""
+    if fmt == "pennfudan":
+        data = load_pennfudan(make_pennfudan(tmp_path / "pf", n=3))
+    else:
+        data = load_coco(*make_coco(tmp_path / "c", n=3, masks=fmt, category_ids=(7, 3)))
+    for r in data.records:
+        assert r.image is None and not isinstance(r.masks, torch.Tensor)
+        image, masks = r.read_image(), r.read_masks()
+        assert image.dtype == torch.uint8 and tuple(image.shape[-2:]) == r.size == tuple(masks.shape[-2:])
+        assert len(masks) == len(r.boxes) and torch.equal(masks, r.read_masks()) and torch.equal(image, r.read_image())

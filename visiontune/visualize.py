@@ -97,10 +97,11 @@ def detection_predictions_png(path: Path, records: list, outputs: list[dict], cl
     for ax in axes.flat:
         ax.axis("off")
     for row, (r, o) in enumerate(zip(records, outputs)):
-        gt = draw(r.image, r.boxes, [classes[int(i) - 1] for i in r.labels], r.masks)
+        image = r.read_image()
+        gt = draw(image, r.boxes, [classes[int(i) - 1] for i in r.labels], r.read_masks())
         axes[row, 0].imshow(gt.permute(1, 2, 0).numpy())
         axes[row, 0].set_title(f"ground truth: {len(r.boxes)}", fontsize=9)
-        axes[row, 1].imshow(draw_detections(r.image, o, classes, min_score).permute(1, 2, 0).numpy())
+        axes[row, 1].imshow(draw_detections(image, o, classes, min_score).permute(1, 2, 0).numpy())
         axes[row, 1].set_title(f"predicted (score >= {min_score}): {int((o['scores'] >= min_score).sum())}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=80)

@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from pycocotools import mask as mask_utils
-from torchvision.transforms.v2 import functional as TF
 
 from ..errors import UserError
-from .images import load_rgb
-from .instance import InstanceData, Record, drop_degenerate, warn_dropped
+from .images import image_size
+from .instance import InstanceData, MaskSource, Record, drop_degenerate, warn_dropped
 
 log = logging.getLogger("visiontune")
 
@@ -72,8 +72,23 @@ def segmentation_mask(seg, height: int, width: int) -> np.ndarray:
     return mask_utils.decode(rle)
 
 
+@dataclass
+class CocoMasks(MaskSource):
+    """One image's masks as its annotations give them (polygons or RLE), decoded when read."""
+
+    segmentations: list
+    height: int
+    width: int
+
+    def read(self) -> torch.Tensor:
+        if not self.segmentations:
+            return torch.zeros((0, self.height, self.width), dtype=torch.uint8)
+        return torch.from_numpy(np.stack([segmentation_mask(s, self.height, self.width) for s in self.segmentations]))
+
+
 def load_coco(image_root: str | Path, annotations: str | Path) -> InstanceData:
-    """Decode each image once with its annotations; masks when every annotation has a segmentation."""
+    """Each image's header (its size checked against the JSON) and its annotations; masks when every annotation has a
+    segmentation, kept as the JSON gives them until read."""
     root, json_path = Path(image_root), Path(annotations)
     if not root.is_dir():
         raise UserError(f"--data: {root}: no such directory")
@@ -107,31 +122,21 @@ def load_coco(image_root: str | Path, annotations: str | Path) -> InstanceData:
         path = safe_image_path(root, str(im["file_name"]), json_path)
         if not path.is_file():
             raise UserError(f"{path}: image not found (file_name {im['file_name']!r} in {json_path})")
-        image = load_rgb(path)
-        w, h = image.size
+        w, h = image_size(path)
         if ("width" in im and im["width"] != w) or ("height" in im and im["height"] != h):
             raise UserError(f"{path}: image is {w}x{h} but {json_path} says {im.get('width')}x{im.get('height')}")
-        boxes, labels, masks = [], [], []
+        boxes, labels, segmentations = [], [], []
         for a in by_image.get(im["id"], []):
             x, y, bw, bh = (float(v) for v in a["bbox"])
             boxes.append([x, y, x + bw, y + bh])
             labels.append(label_of[a["category_id"]])
-            if has_masks:
-                masks.append(segmentation_mask(a["segmentation"], h, w))
+            segmentations.append(a.get("segmentation"))
         box_t = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
         keep = drop_degenerate(box_t)
         dropped += int((~keep).sum())
-        mask_t = torch.from_numpy(np.stack(masks)) if masks else torch.zeros((0, h, w), dtype=torch.uint8)
-        records.append(
-            Record(
-                str(path),
-                TF.pil_to_tensor(image),
-                box_t[keep],
-                torch.tensor(labels, dtype=torch.int64).reshape(-1)[keep],
-                mask_t[keep] if has_masks else None,
-                index + 1,
-            )
-        )
+        masks = CocoMasks([s for s, k in zip(segmentations, keep.tolist()) if k], h, w) if has_masks else None
+        labels_t = torch.tensor(labels, dtype=torch.int64).reshape(-1)[keep]
+        records.append(Record(str(path), None, box_t[keep], labels_t, masks, index + 1, (h, w)))
     if not records:
         raise UserError(f"{json_path}: no images")
     warn_dropped(dropped, str(json_path))
@@ -145,6 +150,7 @@ def to_coco_api(records: list[Record], classes: list[str]):
     images, annotations = [], []
     for r in records:
         h, w = r.size
+        masks = r.read_masks()
         images.append({"id": r.image_id, "height": h, "width": w, "file_name": Path(r.path).name})
         for j in range(len(r.boxes)):
             x1, y1, x2, y2 = r.boxes[j].tolist()
@@ -156,8 +162,8 @@ def to_coco_api(records: list[Record], classes: list[str]):
                 "area": (x2 - x1) * (y2 - y1),
                 "iscrowd": 0,
             }
-            if r.masks is not None:
-                rle = mask_utils.encode(np.asfortranarray(r.masks[j].numpy()))
+            if masks is not None:
+                rle = mask_utils.encode(np.asfortranarray(masks[j].numpy()))
                 ann["segmentation"] = rle
                 ann["area"] = float(mask_utils.area(rle))
             annotations.append(ann)

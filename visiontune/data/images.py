@@ -106,3 +106,13 @@ def expand_inputs(inputs: list[str | Path]) -> list[Path]:
     if not paths:
         raise UserError(f"no images found in {', '.join(map(str, inputs))}")
     return paths
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) of an image as ``load_rgb`` returns it (EXIF rotation applied), from its header alone."""
+    p = Path(path)
+    load_rgb(p, header_only=True)  # the same checks, the same one-line errors
+    with Image.open(p) as im:
+        w, h = im.size
+        rotated = im.getexif().get(0x0112) in (5, 6, 7, 8)  # orientations that swap width and height
+    return (h, w) if rotated else (w, h)

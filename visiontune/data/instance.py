@@ -1,9 +1,12 @@
-"""Instance data in one form for every format: decoded images with target dicts (boxes, labels, masks).
+"""Instance data in one form for every format: images with target dicts (boxes, labels, masks).
 
 Penn-Fudan layout: ``DIR/PNGImages/NAME.png`` + ``DIR/PedMasks/NAME_mask.png``, each mask an 8-bit image of
 instance ids (0 background, 1..N objects). Boxes are derived from the masks (the released annotation boxes
 disagree with the masks, e.g. PennPed00027 by 6 px). An all-zero mask is a valid image with no objects.
-Each image is decoded once and kept in memory; ``DetectionDataset`` only flips and scales per step.
+
+A record keeps what is small (boxes, labels, the image's size) and reads its image and masks from their files
+when a batch needs them (masks stay as their files or COCO polygons/RLE until then): memory does not grow with
+the number of images.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from torchvision.ops import masks_to_boxes
 from torchvision.transforms.v2 import functional as TF
 
 from ..errors import UserError
-from .images import is_image_file, load_rgb
+from .images import image_size, is_image_file, load_rgb
 from .transforms import detection_eval, detection_train
 
 log = logging.getLogger("visiontune")
@@ -30,18 +33,44 @@ log = logging.getLogger("visiontune")
 
 @dataclass
 class Record:
-    """One decoded image and its objects. ``labels`` index ``classes`` + 1 (0 is background)."""
+    """One image and its objects. ``labels`` index ``classes`` + 1 (0 is background)."""
 
     path: str
-    image: torch.Tensor  # uint8 (3, H, W)
+    image: torch.Tensor | None  # uint8 (3, H, W), or None: read from ``path`` when needed
     boxes: torch.Tensor  # float32 (N, 4) x1 y1 x2 y2, pixels
     labels: torch.Tensor  # int64 (N,)
-    masks: torch.Tensor | None  # uint8 (N, H, W), or None for boxes-only data
+    masks: torch.Tensor | MaskSource | None  # uint8 (N, H, W), or where to make them when needed; None: boxes only
     image_id: int
+    hw: tuple[int, int] | None = None  # (height, width), known without decoding the image
 
     @property
     def size(self) -> tuple[int, int]:
-        return int(self.image.shape[-2]), int(self.image.shape[-1])
+        return self.hw if self.hw is not None else (int(self.image.shape[-2]), int(self.image.shape[-1]))
+
+    def read_image(self) -> torch.Tensor:
+        return self.image if self.image is not None else TF.pil_to_tensor(load_rgb(self.path))
+
+    def read_masks(self) -> torch.Tensor | None:
+        return self.masks.read() if isinstance(self.masks, MaskSource) else self.masks
+
+
+class MaskSource:
+    """Where a record's masks come from: ``read()`` makes them, uint8 (N, H, W)."""
+
+    def read(self) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@dataclass
+class InstanceIdMask(MaskSource):
+    """A Penn-Fudan mask file of instance ids; ``keep`` selects the objects kept (degenerate boxes dropped)."""
+
+    path: Path
+    image_size: tuple[int, int]  # (width, height)
+    keep: list[bool]
+
+    def read(self) -> torch.Tensor:
+        return masks_from_ids(read_instance_mask(self.path, self.image_size))[torch.tensor(self.keep, dtype=torch.bool)]
 
 
 @dataclass
@@ -122,27 +151,20 @@ def pennfudan_pairs(root: Path) -> list[tuple[Path, Path]]:
 
 
 def load_pennfudan(root: str | Path, class_name: str = "object") -> InstanceData:
-    """Decode every image and mask once; boxes from masks; degenerate boxes dropped with a count."""
+    """Read every image's header and mask once for the boxes (from the masks); degenerate boxes dropped with a count."""
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"--data: {root}: no such directory")
     records, dropped = [], 0
     for i, (img_path, mask_path) in enumerate(pennfudan_pairs(root)):
-        image = load_rgb(img_path)
-        masks = masks_from_ids(read_instance_mask(mask_path, image.size))
+        w, h = image_size(img_path)
+        masks = masks_from_ids(read_instance_mask(mask_path, (w, h)))
         boxes = masks_to_boxes(masks) if len(masks) else torch.zeros((0, 4))
         keep = drop_degenerate(boxes)
         dropped += int((~keep).sum())
-        records.append(
-            Record(
-                str(img_path),
-                TF.pil_to_tensor(image),
-                boxes[keep].float(),
-                torch.ones(int(keep.sum()), dtype=torch.int64),
-                masks[keep],
-                i + 1,
-            )
-        )
+        labels = torch.ones(int(keep.sum()), dtype=torch.int64)
+        masks = InstanceIdMask(mask_path, (w, h), keep.tolist())
+        records.append(Record(str(img_path), None, boxes[keep].float(), labels, masks, i + 1, (h, w)))
     warn_dropped(dropped, str(root))
     return InstanceData(records, [class_name], [1], True, dropped)
 
@@ -171,7 +193,7 @@ def split_records(data: InstanceData, val_split: float | None, val_last: int | N
 
 
 class DetectionDataset(Dataset):
-    """Decoded records -> (float image in [0, 1], target dict); training adds a flip that moves boxes and masks."""
+    """Records -> (float image in [0, 1], target dict), read when asked; training adds a flip that moves boxes and masks."""
 
     def __init__(self, records: list[Record], train: bool):
         self.records = records
@@ -188,8 +210,8 @@ class DetectionDataset(Dataset):
         r = self.records[i]
         target = {"boxes": tv_tensors.BoundingBoxes(r.boxes, format="XYXY", canvas_size=r.size), "labels": r.labels, "image_id": r.image_id}
         if r.masks is not None:
-            target["masks"] = tv_tensors.Mask(r.masks)
-        image, target = self.transform(tv_tensors.Image(r.image), target)
+            target["masks"] = tv_tensors.Mask(r.read_masks())
+        image, target = self.transform(tv_tensors.Image(r.read_image()), target)
         return image.as_subclass(torch.Tensor), {
             k: v.as_subclass(torch.Tensor) if isinstance(v, torch.Tensor) else v for k, v in target.items()
         }

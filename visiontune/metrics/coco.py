@@ -80,7 +80,21 @@ def predict_records(model, images: list[torch.Tensor], device, batch_size: int =
     return outputs
 
 
-def evaluate_model(model, records: list[Record], classes: list[str], has_masks: bool, device) -> tuple[dict, list[dict]]:
-    """COCO metrics of ``model`` on ``records``, and its outputs."""
-    outputs = predict_records(model, [r.image for r in records], device)
-    return coco_metrics(records, coco_results(outputs, [r.image_id for r in records]), classes, has_masks), outputs
+def predict_results(model, records: list[Record], device, batch_size: int = 4, keep_outputs: int = 0) -> tuple[list[dict], list[dict]]:
+    """COCO results of ``model`` on ``records`` (images read a batch at a time), and its first ``keep_outputs`` raw
+    outputs (for pictures): the dense masks of the rest are dropped batch by batch, so memory stays flat."""
+    results, kept = [], []
+    for i in range(0, len(records), batch_size):
+        chunk = records[i : i + batch_size]
+        outputs = predict_records(model, [r.read_image() for r in chunk], device, batch_size)
+        results += coco_results(outputs, [r.image_id for r in chunk])
+        kept += outputs[: max(0, keep_outputs - len(kept))]
+    return results, kept
+
+
+def evaluate_model(
+    model, records: list[Record], classes: list[str], has_masks: bool, device, keep_outputs: int = 6
+) -> tuple[dict, list[dict]]:
+    """COCO metrics of ``model`` on ``records``, and its outputs for the first ``keep_outputs`` of them."""
+    results, outputs = predict_results(model, records, device, keep_outputs=keep_outputs)
+    return coco_metrics(records, results, classes, has_masks), outputs

@@ -22,7 +22,7 @@ from ..engine import distributed, loop
 from ..errors import UserError
 from ..faults import fault_point
 from ..meta import DetectorMeta
-from ..metrics.coco import coco_metrics, coco_results, evaluate_model, predict_records
+from ..metrics.coco import coco_metrics, evaluate_model, predict_results
 from ..models.detection import CUSTOM_MODELS, build_detector, is_mask_model, trainable_parameters
 from ..runs import write_json
 
@@ -67,9 +67,8 @@ def evaluate_sharded(model, records, classes: list[str], has_masks: bool, device
     """``evaluate_model`` over all processes: each predicts its slice of ``records``, the COCO results are gathered,
     and COCOeval sees every image once. Adds ``val_images``, the number of images predicted."""
     distributed.broadcast_buffers(model)  # rank 0's model, the one saved
-    mine = distributed.shard(records)
-    outputs = predict_records(model, [r.image for r in mine], device)
-    parts = distributed.gather_objects((len(mine), coco_results(outputs, [r.image_id for r in mine])))
+    mine = list(distributed.shard(records))
+    parts = distributed.gather_objects((len(mine), predict_results(model, mine, device)[0]))
     fault_point("validate")
     results = [r for _, part in parts for r in part]
     return {**coco_metrics(records, results, classes, has_masks), "val_images": sum(n for n, _ in parts)}
