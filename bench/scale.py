@@ -16,8 +16,8 @@ Then, each in its own process, one at a time:
 - ``peer``: the plain streaming pipeline a user would write: torchvision ImageFolder + DataLoader (2 workers, batch
   64), the embedded EfficientNet-Lite0 frozen under no_grad and bf16 autocast (where the CPU has bf16), one center
   crop, then scikit-learn's LogisticRegression.
-It prints JSON: wall seconds, training images per second, peak RSS of the process tree (the process and its
-DataLoader workers, sampled every 0.2 s), validation accuracy; then, per contender, the slope of time and memory
+It prints JSON: wall seconds, training images per second, peak memory of the process tree (the process and its
+DataLoader workers, sampled every 0.2 s: RSS, and PSS, which counts shared pages once), validation accuracy; then, per contender, the slope of time and memory
 against N (least squares), and each contender's time as a ratio of the peer's at the same N.
 """
 
@@ -87,31 +87,34 @@ def build_set(root: Path, n_train: int, seed: int = 0) -> Path:
 # --------------------------------------------------------------------------------------------- measuring
 
 
-def tree_rss(pid: int) -> int:
-    """Resident bytes of a process and all its descendants (Linux /proc)."""
-    total, stack = 0, [pid]
+def tree_memory(pid: int) -> tuple[int, int]:
+    """(RSS, PSS) in bytes of a process and all its descendants (Linux /proc). RSS counts the pages a forked
+    DataLoader worker shares with its parent twice; PSS splits shared pages between the processes sharing them."""
+    rss = pss = 0
+    stack = [pid]
     while stack:
         p = stack.pop()
         try:
-            with open(f"/proc/{p}/status") as f:
-                total += next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                fields = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.split(":")[0] in ("Rss", "Pss")}
+            rss, pss = rss + fields.get("Rss", 0), pss + fields.get("Pss", 0)
             for task in os.listdir(f"/proc/{p}/task"):
                 with open(f"/proc/{p}/task/{task}/children") as f:
                     stack += [int(c) for c in f.read().split()]
-        except (OSError, StopIteration):
+        except (OSError, ValueError):
             continue
-    return total
+    return rss, pss
 
 
 def measured(cmd: list[str], env: dict) -> dict:
     """Run ``cmd``; its wall time, the peak RSS of its process tree, and the JSON it printed last."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    peak = [0]
+    peak = [0, 0]
 
     def sample():
         while proc.poll() is None:
-            peak[0] = max(peak[0], tree_rss(proc.pid))
+            peak[:] = [max(a, b) for a, b in zip(peak, tree_memory(proc.pid))]
             time.sleep(0.2)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -119,7 +122,7 @@ def measured(cmd: list[str], env: dict) -> dict:
     out, err = proc.communicate()
     wall = time.perf_counter() - start
     sampler.join()
-    result = {"wall_seconds": round(wall, 1), "peak_rss_mb": round(peak[0] / 2**20)}
+    result = {"wall_seconds": round(wall, 1), "peak_rss_mb": round(peak[0] / 2**20), "peak_pss_mb": round(peak[1] / 2**20)}
     if proc.returncode != 0:
         return {**result, "error": err.strip().splitlines()[-1:] or [f"exit {proc.returncode}"]}
     return {**result, **json.loads(out.strip().splitlines()[-1])}
@@ -245,14 +248,8 @@ def main() -> None:
     summary = {}
     for name in contenders:
         mine = [r for r in rows if r["contender"] == name and "error" not in r]
-        summary[name] = {
-            "seconds_per_1000_images": None
-            if slope([(r["n"], r["wall_seconds"]) for r in mine]) is None
-            else round(1000 * slope([(r["n"], r["wall_seconds"]) for r in mine]), 2),
-            "rss_mb_per_1000_images": None
-            if slope([(r["n"], r["peak_rss_mb"]) for r in mine]) is None
-            else round(1000 * slope([(r["n"], r["peak_rss_mb"]) for r in mine]), 2),
-        }
+        per_1000 = {key: slope([(r["n"], r[key]) for r in mine]) for key in ("wall_seconds", "peak_rss_mb", "peak_pss_mb")}
+        summary[name] = {f"{key}_per_1000_images": None if v is None else round(1000 * v, 2) for key, v in per_1000.items()}
     peer = {r["n"]: r["wall_seconds"] for r in rows if r["contender"] == "peer" and "error" not in r}
     for r in rows:
         if r["n"] in peer and "error" not in r:
