@@ -106,7 +106,7 @@ class ClassifyTask:
     clip_grad = 0.0
 
     def __init__(self, cfg: ClassifyConfig):
-        self.cfg, self.advice = cfg, None
+        self.cfg, self.advice, self.val_features = cfg, None, None
 
     def resolve(self, cfg: ClassifyConfig) -> ClassifyConfig:
         if cfg.strategy == AUTO:
@@ -187,6 +187,7 @@ class ClassifyTask:
         val = distributed.computed_on_main(lambda: self._features(self.val_ds, 1, 0, "val"))
         head_args = (self.model, cfg.head, cfg.batch_size, cfg.weight_decay, self.recipe.label_smoothing, cfg.seed, train, val)
         if STRATEGIES[cfg.strategy].frozen_base:  # the whole run is the head on cached features
+            self.val_features = val[0]  # finish scores the kept head on them: no second pass over the images
             train_head_on_features(
                 *head_args, cfg.epochs, cfg.lr, lambda p, stats, logits: self._record(record, p, "linear (cached features)", stats, logits)
             )
@@ -263,7 +264,14 @@ class ClassifyTask:
         best_sd, _ = ckpt.load_model_file(out / "model.safetensors")
         final_acc = state.history[-1]["val_accuracy"]
         self.model.load_state_dict(best_sd)
-        logits, labels = predict_logits(self.model, DataLoader(self.val_ds, batch_size=64, num_workers=self.workers))
+        if self.val_features is not None:
+            with torch.no_grad():
+                logits, labels = (
+                    self.model.eval().forward_head(self.val_features.to(self.device)).float().cpu(),
+                    torch.tensor(self.val_ds.labels),
+                )
+        else:
+            logits, labels = predict_logits(self.model, DataLoader(self.val_ds, batch_size=64, num_workers=self.workers))
         m = classification_metrics(logits, labels, classes)
         trainable, total = self.model.count_params()
         train_seconds = state.elapsed()
