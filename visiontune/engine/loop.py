@@ -42,6 +42,7 @@ class Task(Protocol):
 
     def resolve(self, cfg) -> Any: ...  # every unset setting filled in (recipes, the advisor)
     def setup(self, device: torch.device, bf16: bool, progress: bool) -> None: ...  # data, model, meta; no files
+    def train_bf16(self, bf16: bool) -> bool: ...  # training steps under bf16 autocast? (``bf16``: what --precision chose)
     def optimizer(self, start_epoch: int) -> tuple[torch.optim.Optimizer, Any, int]: ...  # + per-step scheduler from
     # the first step of ``start_epoch`` (after the prologue's epochs), steps per epoch
     def data_check(self) -> dict: ...  # what a checkpoint's data must match to be resumed
@@ -61,6 +62,7 @@ def fit(task: Task, resume: bool = False, given: dict | None = None) -> dict:
     settings the user gave (runs.resume_config checks them against the run's)."""
     out, device, bf16, progress, tb = start(task, resume, given)
     cfg = task.cfg
+    train_bf16 = distributed.broadcast_object(task.train_bf16(bf16) if distributed.is_main() else None)  # rank 0 measures
     state = RunState()
     record = epoch_recorder(task, out, state, tb, progress)
     last = out / "last.safetensors"
@@ -112,11 +114,15 @@ def fit(task: Task, resume: bool = False, given: dict | None = None) -> dict:
                 progress,
                 start_step=first_step,
                 totals=totals,
-                bf16=bf16,
+                bf16=train_bf16,
                 after_step=partial(duties.after_step, epoch),
             )
             first_step, totals = 0, None
-            stats = {**distributed.reduce_stats(stats), "lr": optimizer.param_groups[-1]["lr"]}
+            stats = {
+                **distributed.reduce_stats(stats),
+                "lr": optimizer.param_groups[-1]["lr"],
+                "precision": "bf16" if train_bf16 else "fp32",
+            }
             task.validate(epoch, stats, record)
             save(epoch + 1)
             duties.after_epoch(epoch + 1)
