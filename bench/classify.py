@@ -271,7 +271,8 @@ def compute_limit(steps: int) -> dict:
             loss.backward()
             opt.step()
         result[f"{name}_images_per_second"] = round(bs * steps / (time.perf_counter() - start), 2)
-    result["precision"] = "bf16" if bf16 else "fp32"
+    # the limit is the fastest precision's, whichever --precision auto chose (it measures, but with a short probe)
+    result["precision"] = max(("fp32", "bf16") if bf16 else ("fp32",), key=lambda p: result[f"{p}_images_per_second"])
     result["images_per_second"] = result[f"{result['precision']}_images_per_second"]
     return result
 
