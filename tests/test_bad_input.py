@@ -561,6 +561,11 @@ def eval_unknown_classes(t, out):
     return ["classify", "eval", str(t / "run"), "--data", str(data)], "green"
 
 
+def coco_train(root: Path, annotations: Path, out: Path) -> list[str]:
+    argv = ["detect", "train", "--format", "coco", "--data", str(root), "--annotations", str(annotations), "--out", str(out)]
+    return [*argv, "--overwrite", "--quiet"]
+
+
 @case()
 def coco_file_name_escapes_root(t, out):
     pytest.importorskip("visiontune.data.coco")
@@ -570,23 +575,7 @@ def coco_file_name_escapes_root(t, out):
     (t / "ann.json").write_text(
         '{"images": [{"id": 1, "file_name": "../secret.png"}], "annotations": [], "categories": [{"id": 1, "name": "thing"}]}'
     )
-    return (
-        [
-            "detect",
-            "train",
-            "--format",
-            "coco",
-            "--data",
-            str(root),
-            "--annotations",
-            str(t / "ann.json"),
-            "--out",
-            str(out),
-            "--overwrite",
-            "--quiet",
-        ],
-        "escapes the image root",
-    )
+    return coco_train(root, t / "ann.json", out), "escapes the image root"
 
 
 @case()
@@ -597,23 +586,7 @@ def coco_absolute_file_name(t, out):
     (t / "ann.json").write_text(
         '{"images": [{"id": 1, "file_name": "/etc/hostname"}], "annotations": [], "categories": [{"id": 1, "name": "thing"}]}'
     )
-    return (
-        [
-            "detect",
-            "train",
-            "--format",
-            "coco",
-            "--data",
-            str(root),
-            "--annotations",
-            str(t / "ann.json"),
-            "--out",
-            str(out),
-            "--overwrite",
-            "--quiet",
-        ],
-        "escapes the image root",
-    )
+    return coco_train(root, t / "ann.json", out), "escapes the image root"
 
 
 @case()

@@ -157,13 +157,8 @@ class ClassImages(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         return self.transform(self.decoded(i)), self.items[i][1]
 
-    def with_transform(self, transform) -> ClassImages:
-        """The same images (and RAM) under another transform."""
-        return ClassImages(self.items, self.short_side, transform, self.images)
-
 
 RAM_BUDGET_BYTES = 1 << 30  # --cache-images auto holds decoded images in RAM up to this much (~4,000 images at 256 px)
-CACHE_MODES = ("auto", "ram", "none")
 
 
 def estimated_bytes(n_images: int, short_side: int) -> int:
@@ -179,8 +174,6 @@ def open_images(
     ``cache``: "ram" decodes every image now (in ``threads`` threads) and holds it; "none" reads each when needed,
     after reading every file's header now; "auto": "ram" while the images fit ``RAM_BUDGET_BYTES``, else "none".
     """
-    if cache not in CACHE_MODES:
-        raise UserError(f"--cache-images: unknown mode {cache!r}; choose {', '.join(CACHE_MODES)}")
     in_ram = cache == "ram" or (cache == "auto" and estimated_bytes(len(samples), short_side) <= RAM_BUDGET_BYTES)
     work = partial(load_downsized, short_side=short_side) if in_ram else partial(load_rgb, header_only=True)
     items, images, bad = [], [], []

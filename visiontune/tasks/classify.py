@@ -146,6 +146,7 @@ class ClassifyTask:
         train_tf = classification_train(size, prep.mean, prep.std, recipe.crop_scale_min)
         self.train_ds, self.bad_train = open_images(self.train_s, resize, train_tf, **images)
         self.val_ds, self.bad_val = open_images(self.val_s, resize, classification_eval(size, resize, prep.mean, prep.std), **images)
+        self.val_labels = torch.tensor(self.val_ds.labels)
         # images held in RAM transform fast in this process; images read from disk decode in one worker per core
         self.workers = cfg.workers if cfg.workers is not None else (0 if self.train_ds.in_ram else cores)
         self.val_loader = DataLoader(distributed.shard(self.val_ds), batch_size=64, shuffle=False, num_workers=self.workers)
@@ -269,7 +270,7 @@ class ClassifyTask:
             self._record(record, epoch, self.phase.name, stats, logits)
 
     def _record(self, record, epoch: int, phase: str, stats: dict, logits: torch.Tensor) -> None:
-        m = classification_metrics(logits.cpu(), torch.as_tensor(self.val_ds.labels), self.train_s.classes)
+        m = classification_metrics(logits.cpu(), self.val_labels, self.train_s.classes)
         fields = {"phase": phase, **stats, "val_loss": m["loss"], "val_accuracy": m["accuracy"], "lr": stats.get("lr")}
         train_loss = f"{stats['train_loss']:.4f}" if stats.get("train_loss") is not None else "-"
         record(
@@ -293,7 +294,7 @@ class ClassifyTask:
             with torch.no_grad():
                 logits, labels = (
                     self.model.eval().forward_head(self.val_features.to(self.device)).float().cpu(),
-                    torch.tensor(self.val_ds.labels),
+                    self.val_labels,
                 )
         else:
             logits, labels = predict_logits(self.model, DataLoader(self.val_ds, batch_size=64, num_workers=self.workers))
