@@ -215,6 +215,44 @@ def missing_val_data(t, out):
     return train(folders(t), out, "--val-data", str(t / "nope")), "--val-data"
 
 
+def index(t: Path, text: str, name: str = "index.csv") -> Path:
+    """An index file in ``t`` beside two images it may name, a.png and b.png."""
+    make_image(t / "a.png", (200, 0, 0))
+    make_image(t / "b.png", (0, 0, 200))
+    (t / name).write_text(text)
+    return t / name
+
+
+@case()
+def index_names_a_missing_image(t, out):
+    data = index(t, "path,label\na.png,red\ngone.jpg,blue\n")
+    return train(data, out, "--val-split", "0.5"), f"index.csv, line 3: {t / 'gone.jpg'}: no such file"
+
+
+@case()
+def index_without_label_column(t, out):
+    return train(index(t, "path,class\na.png,red\nb.png,blue\n"), out, "--val-split", "0.5"), "line 1: no 'label' column"
+
+
+@case()
+def index_bad_split_value(t, out):
+    data = index(t, "path,label,split\na.png,red,train\nb.png,blue,test\n")
+    return train(data, out), "index.csv, line 3: split 'test' is not one of train, val"
+
+
+@case()
+def index_duplicate_image(t, out):
+    data = index(
+        t, '{"path": "a.png", "label": "red"}\n{"path": "b.png", "label": "blue"}\n{"path": "./a.png", "label": "blue"}\n', "i.jsonl"
+    )
+    return train(data, out, "--val-split", "0.5"), f"i.jsonl, lines 1 and 3: the same image twice ({t / 'a.png'})"
+
+
+@case()
+def index_without_split_or_val_split(t, out):
+    return train(index(t, "path,label\na.png,red\nb.png,blue\n"), out), "has no split column; pass --val-split"
+
+
 @case()
 def corrupt_image(t, out):
     data = folders(t)

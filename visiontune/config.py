@@ -24,9 +24,13 @@ def setting(default: Any, help: str) -> Any:
 class ClassifyConfig:
     """Everything a classification run needs; saved as RUN/config.yaml."""
 
-    data: str = setting("", "training images: DIR/train/<class>/* and DIR/val/<class>/*, or DIR/<class>/* with --val-split")
+    data: str = setting(
+        "",
+        "training images: DIR/train/<class>/* and DIR/val/<class>/*, or DIR/<class>/* with --val-split, or an index "
+        "FILE.csv/.jsonl of path,label[,split] rows (paths relative to its folder)",
+    )
     out: str = setting("", "run directory to write (model, metrics, report, checkpoints)")
-    val_data: str | None = setting(None, "validation class folders, when not DIR/val")
+    val_data: str | None = setting(None, "validation class folders (or a CSV/JSONL index), when not DIR/val")
     val_split: float | None = setting(None, "hold out this fraction of each class for validation (seeded, stratified)")
     model: str = setting(
         "efficientnet_lite0",

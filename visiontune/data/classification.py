@@ -1,7 +1,8 @@
 """Image folders -> samples and class names; a dataset of their images, decoded when read or held in RAM.
 
 Layouts: ``DIR/train/<class>/*`` + ``DIR/val/<class>/*`` (the tutorial's), or ``DIR/<class>/*`` with a
-seeded, stratified ``val_split``, or an explicit ``val_data`` folder.
+seeded, stratified ``val_split``, or an explicit ``val_data`` folder; or a CSV/JSONL index of path,label rows
+(``index.py``) in place of either folder.
 
 Only real image files count (see ``images.IMAGE_EXTENSIONS``). GIFs are skipped with a warning: in the
 wild they are placeholders or animations, not photos of the class (hymenoptera ships ``imageNotFound.gif``).
@@ -23,6 +24,7 @@ from tqdm import tqdm
 
 from ..errors import UserError
 from .images import BadImage, is_image_file, load_rgb
+from .index import is_index, read_index, read_val_index
 
 log = logging.getLogger("visiontune")
 
@@ -93,7 +95,11 @@ def find_splits(
 ) -> tuple[Samples, Samples]:
     """The train and validation samples for a classification run, with the same classes in both."""
     if data is None or not str(data).strip():
-        raise UserError("--data: required: a folder with train/ and val/ class folders, or class folders and --val-split")
+        raise UserError(
+            "--data: required: a folder with train/ and val/ class folders, or class folders and --val-split, or a CSV/JSONL index"
+        )
+    if is_index(data):
+        return same_classes(*index_splits(data, val_data, val_split, seed))
     data = Path(data)
     if not data.exists():
         raise UserError(f"--data: {data}: no such directory")
@@ -101,18 +107,46 @@ def find_splits(
         raise UserError(f"--data: {data}: not a directory")
     has_tutorial_layout = (data / "train").is_dir() and (data / "val").is_dir()
     if val_data is not None:
-        train, val = scan_folder(data / "train" if has_tutorial_layout else data), scan_folder(val_data, "--val-data")
+        train = scan_folder(data / "train" if has_tutorial_layout else data)
+        val = validation_samples(val_data, train.classes)
     elif has_tutorial_layout and val_split is None:
         train, val = scan_folder(data / "train"), scan_folder(data / "val", "--data (val/)")
     elif val_split is not None:
         return split_stratified(scan_folder(data / "train" if has_tutorial_layout else data), val_split, seed)
     else:
         raise UserError(f"--data: {data} has no train/ and val/ folders; pass --val-split 0.2 or --val-data DIR")
+    return same_classes(train, val)
+
+
+def same_classes(train: Samples, val: Samples) -> tuple[Samples, Samples]:
+    """(train, val), once their class lists are known to be the same."""
     if train.classes != val.classes:
         only_train = sorted(set(train.classes) - set(val.classes))
         only_val = sorted(set(val.classes) - set(train.classes))
         raise UserError(f"--data: train and val classes differ (only in train: {only_train or '-'}; only in val: {only_val or '-'})")
     return train, val
+
+
+def index_splits(data: str | Path, val_data: str | Path | None, val_split: float | None, seed: int) -> tuple[Samples, Samples]:
+    """--data INDEX: validation from --val-data, else --val-split of its training rows, else its split=val rows."""
+    rows = read_index(data)
+    train = Samples(rows.train, rows.classes)
+    if val_data is not None:
+        return train, validation_samples(val_data, rows.classes)
+    if val_split is not None:
+        return split_stratified(train, val_split, seed)
+    if rows.val is None:
+        raise UserError(f"--data: {data} has no split column; pass --val-split 0.2 or --val-data DIR")
+    if not rows.val:
+        raise UserError(f"--data: {data} has no rows with split val; pass --val-split 0.2 or --val-data DIR")
+    return train, Samples(rows.val, rows.classes)
+
+
+def validation_samples(val_data: str | Path, classes: list[str]) -> Samples:
+    """--val-data: class folders, or an index whose labels are among the training ``classes``."""
+    if is_index(val_data):
+        return Samples(read_val_index(val_data, classes), classes)
+    return scan_folder(val_data, "--val-data")
 
 
 def load_downsized(path: str | Path, short_side: int) -> torch.Tensor:
