@@ -15,6 +15,7 @@ from visiontune.cli import main
 from visiontune.data.classification import open_images, scan_folder
 from visiontune.data.transforms import classification_train
 from visiontune.engine import features as F
+from visiontune.engine.frozen import TorchForward
 
 PREP = "decode 40; train transform"
 
@@ -42,7 +43,8 @@ def setup(tmp_path, monkeypatch):
     monkeypatch.setattr(F, "extract", lambda *a, **k: calls.append(1) or real_extract(*a, **k))
 
     def run(backbone=None, name="tiny", prep=PREP, views=2, seed=0):
-        return F.cached_extract(name, backbone or TinyBackbone(), ds, prep, views, seed, tmp_path / "cache", progress=False)
+        backbone = backbone or TinyBackbone()
+        return F.cached_extract(name, backbone, TorchForward(backbone), ds, prep, views, seed, tmp_path / "cache", progress=False)
 
     run.dataset, run.paths = ds, paths
     return run, calls, paths, tmp_path / "cache"
@@ -108,7 +110,10 @@ def test_corrupt_cache_is_detected_and_rebuilt(setup, damage, caplog):
     assert len(calls) == 2, f"{damage}: the damaged cache was used"
     assert torch.equal(feats, good)
     assert str(path) in caplog.text and "rebuilding" in caplog.text
-    assert F.load_features(path, json.loads(json.dumps(F.cache_key("tiny", TinyBackbone(), PREP, 2, 0, setup[2])))) is not None
+    assert (
+        F.load_features(path, json.loads(json.dumps(F.cache_key("tiny", TinyBackbone(), PREP, 2, 0, setup[0].dataset.items, "torch fp32"))))
+        is not None
+    )
 
 
 def test_unwritable_cache_dir_costs_only_speed(setup, tmp_path, caplog):
@@ -116,7 +121,8 @@ def test_unwritable_cache_dir_costs_only_speed(setup, tmp_path, caplog):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     with caplog.at_level(logging.WARNING, logger="visiontune"):
-        feats, _ = F.cached_extract("tiny", TinyBackbone(), run.dataset, PREP, 1, 0, blocker / "cache", progress=False)
+        backbone = TinyBackbone()
+        feats, _ = F.cached_extract("tiny", backbone, TorchForward(backbone), run.dataset, PREP, 1, 0, blocker / "cache", progress=False)
     assert feats.shape == (6, 8) and "could not write the feature cache" in caplog.text
 
 
@@ -159,6 +165,6 @@ def test_streamed_features_equal_in_ram_features_for_any_worker_count(tmp_path):
     assert in_ram.in_ram and not streamed.in_ram
     torch.manual_seed(0)
     backbone = TinyBackbone()
-    a, ya = F.extract(backbone, in_ram, views=2, seed=3, progress=False)
-    b, yb = F.extract(backbone, streamed, views=2, seed=3, progress=False, workers=2)
+    a, ya = F.extract(TorchForward(backbone), in_ram, views=2, seed=3, progress=False)
+    b, yb = F.extract(TorchForward(backbone), streamed, views=2, seed=3, progress=False, workers=2)
     assert a.shape == (16, 8) and torch.equal(ya, yb) and torch.equal(a, b)

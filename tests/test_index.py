@@ -13,6 +13,7 @@ import torch
 from conftest import make_class_folders, make_image
 
 from visiontune import checkpoint as ckpt
+from visiontune.cli import main
 from visiontune.config import ClassifyConfig
 from visiontune.data.classification import find_splits, scan_folder
 from visiontune.errors import UserError
@@ -216,7 +217,6 @@ def test_training_on_an_index_is_training_on_its_folders(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.xfail(strict=True, reason="the feature cache's key (engine/features.py) has the files, not their labels")
 def test_relabeling_an_index_is_not_answered_from_the_feature_cache(tmp_path):
     """The same files with other labels: a class folder cannot do that (moving a file changes its path), an index can.
     A run on the relabeled index must learn its labels, not the ones cached with the features of the first run."""
@@ -232,3 +232,18 @@ def test_relabeling_an_index_is_not_answered_from_the_feature_cache(tmp_path):
     shared = fit(ClassifyConfig(data=str(relabeled), out=str(tmp_path / "shared"), cache_dir=str(tmp_path / "cache"), **common))
     fresh = fit(ClassifyConfig(data=str(relabeled), out=str(tmp_path / "fresh"), cache_dir=str(tmp_path / "cache2"), **common))
     assert shared["final_val_accuracy"] == fresh["final_val_accuracy"]
+
+
+def test_eval_reads_an_index_and_takes_its_val_rows(tmp_path):
+    """`classify eval RUN --data INDEX` scores the rows of split val, as training validated on them."""
+    data = make_class_folders(tmp_path / "data", per_class=4)
+    rows = ["path,label,split"] + [f"{p.relative_to(data)},{p.parent.name},{p.parts[-3]}" for p in sorted(data.rglob("*.png"))]
+    (data / "index.csv").write_text("\n".join(rows) + "\n")
+    common = ["--image-size", "64", "--epochs", "3", "--quiet", "--cache-dir", str(tmp_path / "cache")]
+    assert main(["classify", "train", "--data", str(data / "index.csv"), "--out", str(tmp_path / "run"), *common]) == 0
+    trained = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    from visiontune.inference.classify import evaluate
+
+    scored = evaluate(tmp_path / "run", data / "index.csv")
+    assert sum(v["support"] for v in scored["per_class"].values()) == 8  # the val rows only
+    assert scored["accuracy"] == trained["final_val_accuracy"]

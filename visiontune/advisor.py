@@ -29,6 +29,7 @@ from .config import ClassifyConfig
 from .data.classification import Samples, find_splits, open_images
 from .data.transforms import classification_eval
 from .engine.features import extract
+from .engine.frozen import TorchForward
 from .engine.runtime import select_device
 from .models.backbones import build_backbone
 from .strategies import recipe_for
@@ -144,8 +145,9 @@ def choose_strategy(cfg: ClassifyConfig) -> Advice:
             progress=not cfg.quiet,
         )
         start = time.perf_counter()
+        # PyTorch, not the faster engine the run may use: this pass is also the stopwatch for a full fine-tune's time
         feats, ys = extract(
-            backbone.module.to(device),
+            TorchForward(backbone.module.to(device)),
             images,
             desc="advisor: features",
             progress=not cfg.quiet,

@@ -13,6 +13,7 @@ from .errors import UserError
 from .strategies import AUTO, RECIPES, STRATEGIES
 
 HEADS = ("linear", "mlp", "logreg", "svm", "knn")
+ENGINES = ("auto", "torch", "onnxruntime")  # what runs a frozen forward pass (engine/frozen.py)
 
 
 def setting(default: Any, help: str) -> Any:
@@ -81,6 +82,11 @@ class ClassifyConfig:
     seed: int = setting(0, "random seed: the same seed gives the same run")
     device: str = setting("auto", "auto, cpu, cuda or mps")
     precision: str = setting("auto", "auto (bf16 autocast where the hardware computes bf16 natively, else fp32), bf16 or fp32")
+    engine: str = setting(
+        "auto",
+        "what runs the frozen base's forward pass (features for linear, staged's head phase, compare): torch, "
+        "onnxruntime (CPU), or auto: the one measured faster on this machine for this model (timed once, remembered)",
+    )
     skip_bad: bool = setting(False, "skip unreadable images (counted in metrics.json) instead of stopping")
     cache_dir: str | None = setting(
         None, "feature cache folder; 'none' turns it off (default: $VISIONTUNE_CACHE or ~/.cache/visiontune/features)"
@@ -106,6 +112,7 @@ class ClassifyConfig:
         _check_range("--workers", self.workers, 0, 64)
         _check_choice("--cache-images", self.cache_images, ("auto", "ram", "none"))
         _check_choice("--precision", self.precision, ("auto", "bf16", "fp32"))
+        _check_choice("--engine", self.engine, ENGINES)
         _check_range("--trainable-stages", self.trainable_stages, 0, 1000)
         _check_range("--checkpoint-every", self.checkpoint_every, 0, 10**9)
         if self.val_split is not None and not 0.0 < self.val_split < 1.0:

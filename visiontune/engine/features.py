@@ -7,8 +7,8 @@ many passes over those features in seconds. Validation images get one center-cro
 The features are also kept on disk (``cached_extract``), so a second run on the same images (another
 head, another learning rate) skips the backbone entirely. A cache file is named by a hash of everything
 its contents depend on: the backbone's name and weights (a SHA-256 of its tensors, whatever file they
-came from), the preprocessing, the number of views and the augmentation seed, and each image's path,
-size and modification time. Change any of them and the name changes. The file also carries a SHA-256
+came from), the engine that ran it (frozen.py), the preprocessing, the number of views and the augmentation seed,
+and each image's path, size, modification time and label. Change any of them and the name changes. The file also carries a SHA-256
 of its tensors: a corrupt or half-written file fails the check and is rebuilt, never used.
 """
 
@@ -18,6 +18,8 @@ import hashlib
 import json
 import logging
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -30,45 +32,43 @@ from ..data.classification import ClassImages
 from .distributed import SeededPerSample
 
 log = logging.getLogger("visiontune")
-CACHE_FORMAT = "visiontune-features/2"  # 2: views seeded per image (any worker count)
+CACHE_FORMAT = "visiontune-features/3"  # 2: views seeded per image (any worker count); 3: the engine in the key
 
 
-@torch.no_grad()
 def extract(
-    backbone: nn.Module,
+    forward: Callable[[torch.Tensor], torch.Tensor],
     dataset: ClassImages,
     views: int = 1,
     batch_size: int = 32,
     seed: int = 0,
-    channels_last: bool = True,
-    bf16: bool = False,
     desc: str = "features",
     progress: bool = True,
     workers: int = 0,
+    timing: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Features of ``views`` passes over ``dataset`` (its transform may be random): (views*N, F), (views*N,) in float32.
 
-    Images stream through ``workers`` DataLoader processes (decoded there unless held in RAM); only the features are
-    kept. Each image's augmentation in view v is seeded by (seed, v, index): the same features for any worker count.
+    ``forward`` is the frozen network (frozen.py: PyTorch or ONNX Runtime). Images stream through ``workers``
+    DataLoader processes (decoded there unless held in RAM); only the features are kept. Each image's augmentation in
+    view v is seeded by (seed, v, index): the same features for any worker count. ``timing``, a dict, receives the
+    images, seconds and images/s of the whole pass (reading the images included).
     """
-    backbone.eval()
-    device = next(backbone.parameters()).device
-    n = len(dataset)
+    start, n = time.perf_counter(), len(dataset)
     feats, labels = None, torch.empty(views * n, dtype=torch.long)
     with tqdm(total=views * n, desc=desc, unit="img", leave=False, disable=not progress) as bar:
         for view in range(views):
             row = view * n
-            for x, y in DataLoader(SeededPerSample(dataset, seed, view), batch_size=batch_size, shuffle=False, num_workers=workers):
-                x = x.to(device, non_blocking=True)
-                if channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    f = backbone(x).float().cpu()  # the cache lives on the CPU
+            loader = DataLoader(SeededPerSample(dataset, seed, view), batch_size=batch_size, shuffle=False, num_workers=workers)
+            for x, y in loader:
+                f = forward(x)
                 if feats is None:
                     feats = torch.empty(views * n, f.shape[1])
                 feats[row : row + len(y)], labels[row : row + len(y)] = f, torch.as_tensor(y)
                 row += len(y)
                 bar.update(len(y))
+    seconds = time.perf_counter() - start
+    if timing is not None:
+        timing.update(images=views * n, seconds=round(seconds, 2), images_per_second=round(views * n / max(seconds, 1e-9), 1))
     return (feats if feats is not None else torch.empty(0, 0)), labels
 
 
@@ -82,18 +82,18 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "visiontune" / "features"
 
 
-def file_fingerprints(paths: list[str | Path]) -> dict:
-    """How many files, and a SHA-256 over each one's absolute path, size and mtime in ns: a changed, added or
-    replaced file changes it, and the key stays small for a million files."""
+def file_fingerprints(items: list[tuple[str | Path, int]]) -> dict:
+    """How many files, and a SHA-256 over each one's absolute path, size, mtime in ns and label: a changed, added,
+    replaced or relabeled file (an index can relabel a file in place) changes it; the key stays small for a million."""
     h = hashlib.sha256()
-    for p in paths:
+    for p, label in items:
         st = os.stat(p)
-        h.update(f"{Path(p).resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return {"count": len(paths), "sha256": h.hexdigest()}
+        h.update(f"{Path(p).resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0{label}\n".encode())
+    return {"count": len(items), "sha256": h.hexdigest()}
 
 
 def cache_key(
-    backbone_name: str, backbone: nn.Module, preprocessing: str, views: int, seed: int, paths: list[str | Path], bf16: bool = False
+    backbone_name: str, backbone: nn.Module, preprocessing: str, views: int, seed: int, items: list[tuple[str | Path, int]], engine: str
 ) -> dict:
     """Everything the cached features depend on, as plain JSON."""
     return {
@@ -103,8 +103,8 @@ def cache_key(
         "preprocessing": preprocessing,
         "views": views,
         "seed": seed,
-        "bf16": bf16,
-        "files": file_fingerprints(paths),
+        "engine": engine,
+        "files": file_fingerprints(items),
     }
 
 
@@ -150,29 +150,33 @@ def load_features(path: Path, key: dict) -> tuple[torch.Tensor, torch.Tensor] | 
 def cached_extract(
     backbone_name: str,
     backbone: nn.Module,
+    forward,
     dataset: ClassImages,
     preprocessing: str,
     views: int = 1,
     seed: int = 0,
     cache_dir: str | Path | None = None,
-    bf16: bool = False,
     desc: str = "features",
     progress: bool = True,
     workers: int = 0,
+    timing: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``extract`` through the on-disk cache: reuse the features when every input is unchanged, else compute and store.
 
-    ``preprocessing`` describes how the files (``dataset.paths``) became tensors (decode size and the transform). ``cache_dir="none"`` turns the disk cache off.
+    ``forward`` runs ``backbone`` (frozen.py; its ``name``, the engine, is part of the key). ``preprocessing`` describes
+    how the files (``dataset.paths``) became tensors (decode size and the transform). ``cache_dir="none"`` turns the
+    disk cache off. ``timing`` as for ``extract``, left empty when the features come from the cache.
     """
+    run = dict(views=views, seed=seed, desc=desc, progress=progress, workers=workers, timing=timing)
     if str(cache_dir).lower() == "none":
-        return extract(backbone, dataset, views, seed=seed, bf16=bf16, desc=desc, progress=progress, workers=workers)
-    key = cache_key(backbone_name, backbone, preprocessing, views, seed, dataset.paths, bf16)
+        return extract(forward, dataset, **run)
+    key = cache_key(backbone_name, backbone, preprocessing, views, seed, dataset.items, forward.name)
     path = cache_path(cache_dir or default_cache_dir(), key)
     hit = load_features(path, key)
     if hit is not None:
         log.info("features from cache %s", path)
         return hit
-    feats, labels = extract(backbone, dataset, views, seed=seed, bf16=bf16, desc=desc, progress=progress, workers=workers)
+    feats, labels = extract(forward, dataset, **run)
     try:
         save_features(path, key, feats, labels)
     except OSError as e:  # a read-only or full disk costs speed next time, never this run

@@ -15,7 +15,7 @@ from ..data.images import expand_inputs, load_rgb
 from ..errors import UserError
 from ..metrics.coco import coco_results, evaluate_model, predict_records
 from ..visualize import draw_detections
-from .load import load_detector, load_for_predict
+from .load import detector_for_predict, load_detector
 
 
 def evaluate_run(run: str | Path, data: str, fmt: str | None = None, annotations: str | None = None, device: str = "auto") -> dict:
@@ -49,7 +49,7 @@ def predict_run(
     ``run``: a run directory, its model file, or an exported .onnx file (run by ONNX Runtime)."""
     if not 0.0 <= score_threshold <= 1.0:
         raise UserError(f"--score-threshold: must be between 0 and 1, got {score_threshold}")
-    model, on, meta = load_for_predict(run, device, "detection")
+    model, on, meta = detector_for_predict(run, device)
     if hasattr(model, "roi_heads"):  # boxes under the threshold dropped inside the model: no masks pasted for them (~1.2x the images/s)
         model.roi_heads.score_thresh = max(model.roi_heads.score_thresh, score_threshold)
     paths = expand_inputs(inputs)

@@ -132,12 +132,11 @@ class OnnxDetector:
         return results
 
 
-def load_for_predict(run_or_file: str | Path, device: str, task: str):
-    """(the model, its device, the metadata) for predict: a run's PyTorch model, or an exported .onnx file on the CPU.
-    ``task``: "classification" or "detection"."""
+def detector_for_predict(run_or_file: str | Path, device: str):
+    """(the detector, its device, the metadata) for predict: a run's PyTorch model, or an exported .onnx file on the CPU."""
     if str(run_or_file).endswith(".onnx"):
         onnx_on_cpu(device)
-        model = (OnnxClassifier if task == "classification" else OnnxDetector)(run_or_file)
+        model = OnnxDetector(run_or_file)
         return model, torch.device("cpu"), model.meta
-    model, meta = (load_classifier if task == "classification" else load_detector)(run_or_file, device)
+    model, meta = load_detector(run_or_file, device)
     return model, next(model.parameters()).device, meta

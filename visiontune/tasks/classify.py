@@ -24,6 +24,7 @@ from ..data.classification import find_splits, open_images
 from ..data.transforms import classification_eval, classification_train
 from ..engine import distributed, loop, wise
 from ..engine.features import cached_extract, default_cache_dir
+from ..engine.frozen import frozen_forward
 from ..engine.runtime import faster_in_bf16
 from ..errors import UserError
 from ..faults import fault_point
@@ -108,7 +109,8 @@ class ClassifyTask:
     clip_grad = 0.0
 
     def __init__(self, cfg: ClassifyConfig):
-        self.cfg, self.advice, self.val_features = cfg, None, None
+        self.cfg, self.advice, self.val_features, self.frozen = cfg, None, None, None
+        self.feature_timing: dict[str, dict] = {}  # per split: images, seconds, images/s of a feature pass (not a cache hit)
 
     def resolve(self, cfg: ClassifyConfig) -> ClassifyConfig:
         if cfg.strategy == AUTO:
@@ -228,19 +230,16 @@ class ClassifyTask:
         return first.epochs
 
     def _features(self, dataset, views: int, seed: int, split: str):
-        return cached_extract(
-            self.meta.model,
-            self.model.backbone,
-            dataset,
-            f"decode {self.meta.preprocessing.resize_size}; {dataset.transform!r}",
-            views,
-            seed,
-            self.cfg.cache_dir,
-            self.bf16,
-            desc=f"features ({split})",
-            progress=self.progress,
-            workers=self.workers,
+        """Features from the frozen base, on the engine measured faster here (engine/frozen.py), through the cache."""
+        cfg, prep, base = self.cfg, self.meta.preprocessing, self.model.backbone
+        if self.frozen is None:  # with workers decoding beside it, ONNX Runtime's threads sleep between batches, not spin
+            cache = None if str(cfg.cache_dir).lower() == "none" else Path(cfg.cache_dir or default_cache_dir())
+            self.frozen = frozen_forward(self.meta.model, base, prep.input_size, cfg.engine, self.bf16, cache, spin=self.workers == 0)
+        how = f"decode {prep.resize_size}; {dataset.transform!r}"
+        run = dict(
+            desc=f"features ({split})", progress=self.progress, workers=self.workers, timing=self.feature_timing.setdefault(split, {})
         )
+        return cached_extract(self.meta.model, base, self.frozen, dataset, how, views, seed, cfg.cache_dir, **run)
 
     def epoch_loader(self, epoch: int) -> DataLoader:
         return epoch_loader(self.train_ds, self.cfg.batch_size, self.cfg.seed, epoch, self.workers)
@@ -320,6 +319,8 @@ class ClassifyTask:
             "skipped_bad_images": self.bad_train + self.bad_val,
             "skipped_non_images": self.train_s.skipped,
         }
+        if self.frozen is not None:  # this process computed or read features (a resumed run may have done neither)
+            metrics["feature_extraction"] = {"engine": self.frozen.name, **{split: t for split, t in self.feature_timing.items() if t}}
         if self.meta.advice:
             metrics["advice"] = self.meta.advice
         write_json(out / "metrics.json", metrics)

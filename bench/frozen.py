@@ -1,0 +1,166 @@
+"""Frozen passes on the engine measured faster (issue 17): prints one JSON object.
+
+In one invocation, each runner in its own process, one after another:
+- ``standalone``: images/s of the embedded EfficientNet-Lite0 base (no classifier), batch 32 at 224 px, on PyTorch
+  eager fp32, bf16 autocast (where native) and ONNX Runtime fp32 (the graph visiontune writes), after warm-up.
+- ``linear``: hymenoptera ``--strategy linear`` (default recipe) with a cold feature cache, per seed: this code with
+  ``--engine auto`` (the engine's one-time graph and probe already made: a machine's first run also pays those, reported
+  once as ``first_run``), the same with ``--engine torch``, and the code at ``--baseline-ref`` (before engines existed).
+  Wall seconds count from ``fit`` (after imports), as bench/classify.py does; feature-extraction images/s from metrics.json.
+- ``predict``: ``visiontune.predict`` images/s on val/ (after a warm-up call), this code and the baseline's.
+
+    python bench/frozen.py [--data ../shared/datasets/hymenoptera_data] [--seeds 3] [--baseline-ref f296d6e]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def standalone(batches: int = 8) -> dict:
+    import torch
+
+    from visiontune.engine.frozen import OnnxForward, TorchForward
+    from visiontune.engine.runtime import use_bf16
+    from visiontune.models.backbones import build_backbone
+
+    base = build_backbone("efficientnet_lite0").module.eval()
+    x = torch.randn(32, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    engines = [TorchForward(base), OnnxForward("efficientnet_lite0", base, 224, None)]
+    if use_bf16("auto", torch.device("cpu")):
+        engines.insert(1, TorchForward(base, bf16=True))
+    result = {}
+    for engine in engines:
+        for _ in range(3):  # kernels, arenas, bf16's first calls
+            engine(x)
+        start = time.perf_counter()
+        for _ in range(batches):
+            engine(x)
+        result[engine.name] = round(32 * batches / (time.perf_counter() - start), 1)
+    return {"images_per_second": result, "threads": torch.get_num_threads()}
+
+
+def linear(data: str, seed: int, cache: str, out: str, engine: str | None) -> dict:
+    from visiontune.config import ClassifyConfig
+    from visiontune.tasks.classify import fit
+
+    for f in Path(cache).glob("*.safetensors"):  # cold features; the engine's graph and probe stay
+        f.unlink()
+    settings = dict(data=data, out=out, strategy="linear", seed=seed, quiet=True, overwrite=True, cache_dir=cache)
+    start = time.perf_counter()
+    m = fit(ClassifyConfig(**settings, **({"engine": engine} if engine else {})))
+    wall = time.perf_counter() - start
+    return {
+        "wall_seconds": round(wall, 2),
+        "best_val_accuracy": m["best_val_accuracy"],
+        "feature_extraction": m.get("feature_extraction", {"engine": "torch (before engines)"}),
+    }
+
+
+def predict(run: str, images: str) -> dict:
+    from visiontune.data.images import expand_inputs
+    from visiontune.inference.classify import predict as predict_images
+
+    paths = expand_inputs([images])
+    predict_images(run, paths[:1])  # warm-up (and, on this code, the run's graph written once)
+    start = time.perf_counter()
+    predict_images(run, paths)
+    seconds = time.perf_counter() - start
+    return {"images": len(paths), "seconds": round(seconds, 2), "images_per_second": round(len(paths) / seconds, 1)}
+
+
+def child(args) -> None:
+    if args.child == "standalone":
+        res = standalone()
+    elif args.child == "linear":
+        res = linear(args.data, args.seed, args.cache, args.out, args.engine or None)
+    else:
+        res = predict(args.out, str(Path(args.data) / "val"))
+    print(json.dumps(res))
+
+
+def spawn(code: Path, kind: str, **kw) -> dict:
+    """One runner in a fresh process, importing visiontune from ``code`` (this tree or the baseline's)."""
+    cmd = [sys.executable, __file__, "--child", kind] + [f"--{k}={v}" for k, v in kw.items()]
+    env = dict(os.environ, PYTHONPATH=str(code))
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=code, env=env)
+    if p.returncode != 0:
+        return {"error": (p.stderr.strip().splitlines() or ["?"])[-1][:300]}
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    print(f"[bench] {kind} {kw.get('engine', '')} {code.name}: {json.dumps(res)[:160]}", file=sys.stderr, flush=True)
+    return res
+
+
+def mean(runs: list[dict], key: str):
+    values = [r[key] for r in runs if key in r]
+    return round(statistics.mean(values), 3) if values else None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default=str(REPO.parent / "shared" / "datasets" / "hymenoptera_data"))
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--baseline-ref", default="f296d6e", help="git commit of the code before engines (default: f296d6e)")
+    for hidden in ("child", "cache", "out", "engine"):
+        ap.add_argument(f"--{hidden}", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return child(args)
+
+    tmp = Path(tempfile.mkdtemp(prefix="vt-frozen-"))
+    baseline = tmp / "baseline"
+    subprocess.run(["git", "worktree", "add", "--detach", "-q", str(baseline), args.baseline_ref], cwd=REPO, check=True)
+    try:
+        load_start = [round(x, 2) for x in os.getloadavg()]
+        report = {"benchmark": "frozen", "data": args.data, "baseline_ref": args.baseline_ref}
+        report["standalone"] = spawn(REPO, "standalone")
+        data = str(Path(args.data).resolve())
+        report["first_run"] = spawn(REPO, "linear", data=data, seed=0, cache=tmp / "c-auto", out=tmp / "first", engine="auto")
+        runs = {name: [] for name in ("auto", "torch", "baseline")}
+        for seed in range(args.seeds):  # interleaved, so drifting machine speed hits all three alike
+            for name, code, engine in (("auto", REPO, "auto"), ("torch", REPO, "torch"), ("baseline", baseline, "")):
+                kw = dict(data=data, seed=seed, cache=tmp / f"c-{name}", out=tmp / f"run-{name}", engine=engine)
+                runs[name].append(spawn(code, "linear", **kw))
+        report["linear"] = {
+            n: {"wall_seconds": mean(r, "wall_seconds"), "best_val_accuracy": mean(r, "best_val_accuracy"), "runs": r}
+            for n, r in runs.items()
+        }
+        report["predict"] = {
+            "auto": spawn(REPO, "predict", data=data, out=tmp / "run-auto"),
+            "baseline": spawn(baseline, "predict", data=data, out=tmp / "run-baseline"),
+        }
+        ort = report["standalone"].get("images_per_second", {}).get("onnxruntime fp32")
+        inside = [r["feature_extraction"]["train"]["images_per_second"] for r in runs["auto"] if "train" in r.get("feature_extraction", {})]
+        report["ratios"] = {
+            "linear_auto/baseline wall": _ratio(report["linear"]["auto"]["wall_seconds"], report["linear"]["baseline"]["wall_seconds"]),
+            "linear_auto/torch wall": _ratio(report["linear"]["auto"]["wall_seconds"], report["linear"]["torch"]["wall_seconds"]),
+            "extraction inside linear / standalone onnxruntime": _ratio(statistics.mean(inside), ort) if inside else None,
+            "predict auto/baseline images/s": _ratio(
+                report["predict"]["auto"].get("images_per_second"), report["predict"]["baseline"].get("images_per_second")
+            ),
+        }
+        report["load_average"] = {"start": load_start, "end": [round(x, 2) for x in os.getloadavg()]}
+        print(json.dumps(report, indent=1))
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(baseline)], cwd=REPO)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _ratio(a, b):
+    return round(a / b, 3) if a is not None and b else None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""The frozen forward pass on PyTorch or ONNX Runtime: the same features, the faster engine chosen once and remembered,
+the graph written once, and PyTorch when a module cannot be exported."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+from conftest import make_class_folders
+from torch import nn
+
+from visiontune.cli import main
+from visiontune.engine import features as F
+from visiontune.engine import frozen
+from visiontune.engine.frozen import OnnxForward, TorchForward, frozen_forward
+from visiontune.errors import UserError
+from visiontune.models.backbones import build_backbone
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    return build_backbone("efficientnet_lite0").module.eval()
+
+
+def test_onnxruntime_features_equal_pytorch_fp32(lite0, tmp_path):
+    x = torch.randn(4, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    expected = TorchForward(lite0)(x)
+    got = OnnxForward("efficientnet_lite0", lite0, 96, tmp_path)(x)
+    assert got.dtype == torch.float32 and got.shape == expected.shape == (4, 1280)
+    assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
+    assert len(list((tmp_path / "graphs").glob("efficientnet_lite0-*.onnx"))) == 1
+
+
+def test_auto_times_both_engines_once_and_remembers(lite0, tmp_path, monkeypatch):
+    first = frozen_forward("efficientnet_lite0", lite0, 64, "auto", cache_dir=tmp_path, batch_size=4)
+    (key, record), *others = json.loads((tmp_path / "engines.json").read_text()).items()
+    assert not others and "efficientnet_lite0 | 64px batch 4" in key
+    assert set(record["seconds"]) == {"torch fp32", "onnxruntime fp32"}
+    faster = min(record["seconds"], key=record["seconds"].get)
+    assert first.name == faster and record["onnxruntime"] == (faster == "onnxruntime fp32")
+
+    def no_timing(*a):
+        raise AssertionError("timed again although the answer was remembered")
+
+    monkeypatch.setattr(frozen, "_time", no_timing)
+    assert frozen_forward("efficientnet_lite0", lite0, 64, "auto", cache_dir=tmp_path, batch_size=4).name == first.name
+
+
+def test_the_graph_is_written_once_and_rewritten_when_damaged(lite0, tmp_path, monkeypatch, caplog):
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    expected = OnnxForward("efficientnet_lite0", lite0, 64, tmp_path)(x)
+    (graph,) = (tmp_path / "graphs").glob("*.onnx")
+    real_write = frozen.write_onnx
+    monkeypatch.setattr(frozen, "write_onnx", lambda *a: pytest.fail("exported again although the graph was there"))
+    assert torch.equal(OnnxForward("efficientnet_lite0", lite0, 64, tmp_path)(x), expected)
+    graph.write_bytes(graph.read_bytes()[:1000])  # truncated
+    monkeypatch.setattr(frozen, "write_onnx", real_write)
+    with caplog.at_level(logging.WARNING, logger="visiontune"):
+        assert torch.equal(OnnxForward("efficientnet_lite0", lite0, 64, tmp_path)(x), expected)
+    assert "unreadable; writing it again" in caplog.text
+
+
+class NotExportable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+            raise RuntimeError("this module has no ONNX form")
+        return self.conv(x).mean((2, 3))
+
+
+def test_a_module_that_cannot_be_exported_runs_in_pytorch(tmp_path, caplog):
+    module = NotExportable()
+    x = torch.randn(2, 3, 16, 16)
+    with caplog.at_level(logging.WARNING, logger="visiontune"):
+        got = frozen_forward("odd", module, 16, "onnxruntime", cache_dir=tmp_path)(x)
+        auto = frozen_forward("odd", module, 16, "auto", cache_dir=tmp_path / "b", batch_size=2)
+    assert torch.allclose(got, module(x)) and auto.name == "torch fp32"
+    assert "odd: the frozen pass runs in PyTorch (its ONNX export failed: this module has no ONNX form)" in caplog.text
+    assert not (tmp_path / "b" / "engines.json").exists()
+
+
+def test_the_engine_is_part_of_the_feature_cache_key(lite0, tmp_path):
+    root = make_class_folders(tmp_path / "data", per_class=2, splits=("train",)) / "train"
+    from visiontune.data.classification import open_images, scan_folder
+    from visiontune.data.transforms import classification_eval
+
+    ds, _ = open_images(scan_folder(root), 64, classification_eval(64, 64, (0.5,) * 3, (0.5,) * 3), "ram", progress=False)
+    runs = [TorchForward(lite0), OnnxForward("efficientnet_lite0", lite0, 64, tmp_path)]
+    feats = [F.cached_extract("efficientnet_lite0", lite0, f, ds, "eval 64", cache_dir=tmp_path, progress=False)[0] for f in runs]
+    assert len(list(tmp_path.glob("*.safetensors"))) == 2
+    assert (feats[0] - feats[1]).abs().max() <= 1e-4 * feats[0].abs().max()
+
+
+def test_unknown_engine_and_onnxruntime_off_the_cpu_are_refused(lite0):
+    with pytest.raises(UserError, match="--engine: unknown engine 'tensorrt'"):
+        frozen_forward("efficientnet_lite0", lite0, 64, "tensorrt")
+    assert main(["classify", "train", "--data", "x", "--engine", "tensorrt"]) == 2
+
+
+@pytest.mark.slow
+def test_linear_runs_learn_the_same_head_on_either_engine(tmp_path):
+    data = make_class_folders(tmp_path / "data", per_class=4)
+    common = ["classify", "train", "--data", str(data), "--image-size", "64", "--quiet", "--epochs", "5", "--precision", "fp32"]
+    for engine in ("torch", "onnxruntime"):
+        assert main([*common, "--engine", engine, "--out", str(tmp_path / engine), "--cache-dir", str(tmp_path / f"c-{engine}")]) == 0
+    a, b = (json.loads((tmp_path / e / "metrics.json").read_text()) for e in ("torch", "onnxruntime"))
+    assert a["best_val_accuracy"] == b["best_val_accuracy"] >= 0.9
+    assert a["feature_extraction"]["engine"] == "torch fp32" and b["feature_extraction"]["engine"] == "onnxruntime fp32"
+    assert b["feature_extraction"]["train"]["images"] == 8 * 2 and b["feature_extraction"]["val"]["images_per_second"] > 0
