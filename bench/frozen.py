@@ -5,7 +5,8 @@ In one invocation, each runner in its own process, one after another:
   eager fp32, bf16 autocast (where native) and ONNX Runtime fp32 (the graph visiontune writes), after warm-up.
 - ``linear``: hymenoptera ``--strategy linear`` (default recipe) with a cold feature cache, per seed: this code with
   ``--engine auto`` (the engine's one-time graph and probe already made: a machine's first run also pays those, reported
-  once as ``first_run``), the same with ``--engine torch``, and the code at ``--baseline-ref`` (before engines existed).
+  once as ``first_run``), the same with ``--engine torch`` and ``openvino-bf16`` (for its accuracy), and the code at
+  ``--baseline-ref`` (before engines existed).
   Wall seconds count from ``fit`` (after imports), as bench/classify.py does; feature-extraction images/s from metrics.json.
 - ``predict``: ``visiontune.predict`` images/s on val/ (after a warm-up call), this code and the baseline's.
 
@@ -31,13 +32,15 @@ REPO = Path(__file__).resolve().parents[1]
 def standalone(batches: int = 8) -> dict:
     import torch
 
-    from visiontune.engine.frozen import OnnxForward, TorchForward
+    from visiontune.engine.frozen import GraphForward, TorchForward
     from visiontune.engine.runtime import use_bf16
     from visiontune.models.backbones import build_backbone
 
     base = build_backbone("efficientnet_lite0").module.eval()
     x = torch.randn(32, 3, 224, 224, generator=torch.Generator().manual_seed(0))
-    engines = [TorchForward(base), OnnxForward("efficientnet_lite0", base, 224, None)]
+    engines = [TorchForward(base)] + [
+        GraphForward("efficientnet_lite0", base, 224, None, e) for e in ("onnxruntime", "openvino", "openvino-bf16")
+    ]
     if use_bf16("auto", torch.device("cpu")):
         engines.insert(1, TorchForward(base, bf16=True))
     result = {}
@@ -128,9 +131,10 @@ def main() -> None:
         report["standalone"] = spawn(REPO, "standalone")
         data = str(Path(args.data).resolve())
         report["first_run"] = spawn(REPO, "linear", data=data, seed=0, cache=tmp / "c-auto", out=tmp / "first", engine="auto")
-        runs = {name: [] for name in ("auto", "torch", "baseline")}
-        for seed in range(args.seeds):  # interleaved, so drifting machine speed hits all three alike
-            for name, code, engine in (("auto", REPO, "auto"), ("torch", REPO, "torch"), ("baseline", baseline, "")):
+        variants = (("auto", REPO, "auto"), ("torch", REPO, "torch"), ("openvino-bf16", REPO, "openvino-bf16"), ("baseline", baseline, ""))
+        runs = {name: [] for name, _, _ in variants}
+        for seed in range(args.seeds):  # interleaved, so drifting machine speed hits all alike
+            for name, code, engine in variants:
                 kw = dict(data=data, seed=seed, cache=tmp / f"c-{name}", out=tmp / f"run-{name}", engine=engine)
                 runs[name].append(spawn(code, "linear", **kw))
         report["linear"] = {
@@ -141,12 +145,13 @@ def main() -> None:
             "auto": spawn(REPO, "predict", data=data, out=tmp / "run-auto"),
             "baseline": spawn(baseline, "predict", data=data, out=tmp / "run-baseline"),
         }
-        ort = report["standalone"].get("images_per_second", {}).get("onnxruntime fp32")
+        chosen = report["linear"]["auto"]["runs"][0].get("feature_extraction", {}).get("engine")
+        alone = report["standalone"].get("images_per_second", {}).get(chosen)
         inside = [r["feature_extraction"]["train"]["images_per_second"] for r in runs["auto"] if "train" in r.get("feature_extraction", {})]
         report["ratios"] = {
             "linear_auto/baseline wall": _ratio(report["linear"]["auto"]["wall_seconds"], report["linear"]["baseline"]["wall_seconds"]),
             "linear_auto/torch wall": _ratio(report["linear"]["auto"]["wall_seconds"], report["linear"]["torch"]["wall_seconds"]),
-            "extraction inside linear / standalone onnxruntime": _ratio(statistics.mean(inside), ort) if inside else None,
+            f"extraction inside linear / standalone {chosen}": _ratio(statistics.mean(inside), alone) if inside else None,
             "predict auto/baseline images/s": _ratio(
                 report["predict"]["auto"].get("images_per_second"), report["predict"]["baseline"].get("images_per_second")
             ),

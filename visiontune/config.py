@@ -13,7 +13,7 @@ from .errors import UserError
 from .strategies import AUTO, RECIPES, STRATEGIES
 
 HEADS = ("linear", "mlp", "logreg", "svm", "knn")
-ENGINES = ("auto", "torch", "onnxruntime")  # what runs a frozen forward pass (engine/frozen.py)
+ENGINES = ("auto", "torch", "onnxruntime", "openvino", "openvino-bf16")  # what runs a frozen forward pass (engine/frozen.py)
 
 
 def setting(default: Any, help: str) -> Any:
@@ -85,7 +85,8 @@ class ClassifyConfig:
     engine: str = setting(
         "auto",
         "what runs the frozen base's forward pass (features for linear, staged's head phase, compare): torch, "
-        "onnxruntime (CPU), or auto: the one measured faster on this machine for this model (timed once, remembered)",
+        "onnxruntime, openvino, openvino-bf16 (CPU; features change slightly), or auto: the fastest fp32 engine "
+        "(or torch in --precision) measured on this machine for this model (timed once, remembered)",
     )
     skip_bad: bool = setting(False, "skip unreadable images (counted in metrics.json) instead of stopping")
     cache_dir: str | None = setting(

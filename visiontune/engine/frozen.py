@@ -1,17 +1,19 @@
 """The forward pass of weights that do not train, run by the engine measured fastest for it on this machine.
 
-A frozen base computes the same function every time, so it can leave PyTorch: ONNX Runtime ran the embedded
-EfficientNet-Lite0 (batch 32, 224 px) at 185 images/s where PyTorch eager managed 48 in fp32 and 155 under bf16
-autocast (2-core AMD EPYC with native bf16), and about 5x PyTorch fp32 on a 2-core AVX-512 Xeon. Neither wins
-everywhere, so ``engine="auto"`` times both on a batch once per machine and model and remembers the answer
-(``<cache>/engines.json``). ONNX Runtime runs the module's ONNX graph, written once beside the feature cache
+A frozen base computes the same function every time, so it can leave PyTorch eager. The embedded EfficientNet-Lite0
+(batch 32, 224 px, 2-core AMD EPYC with native bf16), images/s: PyTorch fp32 44, PyTorch bf16 autocast 158, ONNX
+Runtime fp32 157, OpenVINO f32 274 (bf16 385, features off by up to 0.12 on a scale of 5.7); on a 2-core AVX-512/AMX
+Xeon ONNX Runtime was 2.5x PyTorch bf16. No engine wins everywhere, so ``engine="auto"`` times the fp32 graph engines
+and PyTorch (in the run's precision) on a batch once per machine and model, and remembers the fastest
+(``<cache>/engines.json``). Graph engines run the module's ONNX graph, written once beside the feature cache
 (``<cache>/graphs/``, named by a hash of the weights); a module that cannot be exported runs in PyTorch, with one
-log line saying why. GPUs keep PyTorch.
+log line saying why. GPUs keep PyTorch. OpenVINO in bf16 is never chosen by "auto": it changes the features.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import tempfile
@@ -29,6 +31,7 @@ from ..errors import UserError
 from .runtime import machine_name
 
 log = logging.getLogger("visiontune")
+GRAPH_ENGINES = {"onnxruntime": ("onnxruntime", "fp32"), "openvino": ("openvino", "fp32"), "openvino-bf16": ("openvino", "bf16")}
 
 
 class TorchForward:
@@ -46,63 +49,70 @@ class TorchForward:
             return self.module(x).float().cpu()
 
 
-class OnnxForward:
-    """``module`` on ONNX Runtime's CPU provider, on this process's cores, from its ONNX graph: written on the first
-    call into ``cache_dir``/graphs (None: kept in memory only), or read from there when a run wrote it before.
+class GraphForward:
+    """``module``'s ONNX graph on a CPU inference engine (ONNX Runtime or OpenVINO), on this process's cores. The graph is
+    written on the first call into ``cache_dir``/graphs (None: a temporary file), or read from there when a run wrote it.
 
-    The session opens on the first call, so a run whose features come from the cache never pays for it. A module
-    that cannot be exported runs in PyTorch fp32 instead, with one log line saying why. ``spin=False`` lets ONNX
-    Runtime's threads sleep between calls instead of spinning: DataLoader workers decoding on the same cores need them.
+    The engine opens on the first call, so a run whose features come from the cache never pays for it. A module that
+    cannot be exported runs in PyTorch fp32 instead, with one log line saying why. ``spin=False`` lets ONNX Runtime's
+    threads sleep between calls instead of spinning, for DataLoader workers decoding on the same cores.
     """
 
-    name = "onnxruntime fp32"
-
-    def __init__(self, name: str, module: nn.Module, size: int, cache_dir: Path | None = None, spin: bool = True):
+    def __init__(self, name: str, module: nn.Module, size: int, cache_dir: Path | None = None, engine: str = "onnxruntime", spin=True):
         self.model_name, self.module, self.size, self.cache_dir, self.spin = name, module, size, cache_dir, spin
-        self.session = self.fallback = None
+        self.runtime, self.precision = GRAPH_ENGINES[engine]
+        self.name = f"{self.runtime} {self.precision}"
+        self.run = self.fallback = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.session is None and self.fallback is None:
+        if self.run is None and self.fallback is None:
             self._open()
         if self.fallback is not None:
             return self.fallback(x)
-        out = self.session.run(None, {"images": x.float().contiguous().cpu().numpy()})[0]
+        out = self.run(x.float().contiguous().cpu().numpy())
         return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32))
 
     def _open(self) -> None:
         try:
-            self.session = self._opened_session()
+            self.run = self._compiled()
         except Exception as e:  # noqa: BLE001 - any export failure leaves PyTorch to do the work
             why = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
             log.warning("%s: the frozen pass runs in PyTorch (its ONNX export failed: %s)", self.model_name, why)
             self.fallback = TorchForward(self.module)
 
-    def _session(self, graph: Path | bytes):
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()
-        options.inter_op_num_threads = 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spin else "0")
-        return ort.InferenceSession(graph if isinstance(graph, bytes) else str(graph), options, providers=["CPUExecutionProvider"])
-
-    def _opened_session(self):
-        """A session of the graph file in the cache (written now if missing or unreadable), or of one in memory."""
-        example = torch.zeros(1, 3, self.size, self.size)
-        module = self.module.eval()
+    def _compiled(self):
+        """The engine's callable numpy batch -> numpy output, from the graph file in the cache (written now if missing
+        or unreadable), or from a temporary one."""
+        example, module = torch.zeros(1, 3, self.size, self.size), self.module.eval()
         if self.cache_dir is None:
             with tempfile.TemporaryDirectory() as tmp:
                 write_onnx(module, example, Path(tmp) / "graph.onnx", "images", "features")
-                return self._session((Path(tmp) / "graph.onnx").read_bytes())
+                return self._load(Path(tmp) / "graph.onnx")
         path = graph_path(self.cache_dir, self.model_name, module, self.size)
         if path.is_file():
             try:
-                return self._session(path)
+                return self._load(path)
             except Exception:  # noqa: BLE001 - a truncated or foreign file: write it again
                 log.warning("ONNX graph %s is unreadable; writing it again", path)
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda tmp: write_onnx(module, example, tmp, "images", "features"))
-        return self._session(path)
+        return self._load(path)
+
+    def _load(self, path: Path):
+        threads = torch.get_num_threads()
+        if self.runtime == "openvino":
+            import openvino as ov
+
+            hint = {"INFERENCE_PRECISION_HINT": "bf16" if self.precision == "bf16" else "f32", "INFERENCE_NUM_THREADS": threads}
+            request = ov.Core().compile_model(str(path), "CPU", hint).create_infer_request()
+            return lambda x: request.infer({0: x})[0]
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spin else "0")
+        session = ort.InferenceSession(path.read_bytes(), options, providers=["CPUExecutionProvider"])
+        return lambda x: session.run(None, {"images": x})[0]
 
 
 def write_onnx(module: nn.Module, example: torch.Tensor, path: str | Path, input_name: str, output_name: str) -> None:
@@ -136,42 +146,54 @@ def frozen_forward(
     batch_size: int = 32,
     spin: bool = True,
 ):
-    """A callable batch -> float32 features on the CPU for the frozen ``module`` (images of ``size`` px):
-    ``engine`` "torch", "onnxruntime" (CPU only), or "auto": the faster of the two on this machine (timed once,
-    remembered in ``cache_dir``; ``None``: not remembered). Its ``name`` says which engine runs."""
+    """A callable batch -> float32 features on the CPU for the frozen ``module`` (images of ``size`` px).
+
+    ``engine``: "torch" (bf16 autocast if ``bf16``), "onnxruntime", "openvino", "openvino-bf16" (CPU), or "auto": the
+    fastest of torch, onnxruntime and openvino (fp32; where installed) on this machine, timed once and remembered in
+    ``cache_dir`` (``None``: not remembered). Its ``name`` says which engine runs."""
     if engine not in ENGINES:
         raise UserError(f"--engine: unknown engine {engine!r}; choose {', '.join(ENGINES)}")
     on_cpu = next(module.parameters()).device.type == "cpu"
     if engine == "torch" or (engine == "auto" and not on_cpu):
         return TorchForward(module, bf16)
     if not on_cpu:
-        raise UserError("--engine onnxruntime: runs on the CPU; use --engine torch (or auto) with --device cuda/mps")
-    ort_forward = OnnxForward(name, module, size, cache_dir, spin)
-    if engine == "onnxruntime":
-        return ort_forward
-    torch_forward = TorchForward(module, bf16)
-    key = f"{machine_name(torch.device('cpu'))} | {name} | {size}px batch {batch_size} | {torch_forward.name} vs {ort_forward.name}"
-    return ort_forward if _faster_is_onnx(key, torch_forward, ort_forward, size, batch_size, cache_dir) else torch_forward
+        raise UserError(f"--engine {engine}: runs on the CPU; use --engine torch (or auto) with --device cuda/mps")
+    if engine != "auto":
+        if importlib.util.find_spec(GRAPH_ENGINES[engine][0]) is None:
+            raise UserError(
+                f"--engine {engine}: the {GRAPH_ENGINES[engine][0]} package is not installed; pip install {GRAPH_ENGINES[engine][0]}"
+            )
+        return GraphForward(name, module, size, cache_dir, engine, spin)
+    candidates = [TorchForward(module, bf16)] + [
+        GraphForward(name, module, size, cache_dir, e, spin) for e in ("onnxruntime", "openvino") if importlib.util.find_spec(e)
+    ]
+    key = f"{machine_name(torch.device('cpu'))} | {name} | {size}px batch {batch_size} | {' vs '.join(c.name for c in candidates)}"
+    fastest = _fastest(key, candidates, size, batch_size, cache_dir)
+    return next(c for c in candidates if c.name == fastest)
 
 
-def _faster_is_onnx(key: str, torch_forward, ort_forward, size: int, batch_size: int, cache_dir: Path | None) -> bool:
+def _fastest(key: str, candidates: list, size: int, batch_size: int, cache_dir: Path | None) -> str:
+    """The name of the fastest candidate: remembered in ``cache_dir``/engines.json, else timed now on a random batch."""
     cache_file = cache_dir / "engines.json" if cache_dir is not None else None
     known = _read_json(cache_file)
-    if isinstance(known.get(key), dict) and isinstance(known[key].get("onnxruntime"), bool):
-        return known[key]["onnxruntime"]
+    names = {c.name for c in candidates}
+    if isinstance(known.get(key), dict) and known[key].get("fastest") in names:
+        return known[key]["fastest"]
     x = torch.randn(batch_size, 3, size, size, generator=torch.Generator().manual_seed(0))
-    seconds = {engine.name: _time(engine, x) for engine in (torch_forward, ort_forward)}
-    if ort_forward.fallback is not None:  # no graph: nothing to remember
-        return False
-    known[key] = {"onnxruntime": seconds[ort_forward.name] < seconds[torch_forward.name], "seconds": seconds}
-    log.info("frozen pass: %s", ", ".join(f"{n} {batch_size * 2 / s:.0f} images/s" for n, s in seconds.items()))
+    seconds = {c.name: _time(c, x) for c in candidates}
+    runnable = {c.name: seconds[c.name] for c in candidates if getattr(c, "fallback", None) is None}
+    fastest = min(runnable, key=runnable.get)
+    log.info("frozen pass: %s", ", ".join(f"{n} {batch_size * 2 / s:.0f} images/s" for n, s in runnable.items()))
+    if len(runnable) < len(candidates):  # no graph: nothing to remember
+        return fastest
+    known[key] = {"fastest": fastest, "seconds": seconds}
     if cache_file is not None:
         try:  # a read-only cache costs a probe next time, never this run
             cache_file.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(cache_file, json.dumps(known, indent=1) + "\n")
         except OSError:
             pass
-    return known[key]["onnxruntime"]
+    return fastest
 
 
 def _time(forward, x: torch.Tensor) -> float:
