@@ -13,6 +13,9 @@ Then, each in its own process, one at a time:
 - ``linear``: ``visiontune classify train --strategy linear`` (the default recipe: 2 augmented views), cold caches;
 - ``linear_1view``: the same with ``--views 1``;
 - ``full_1epoch``: ``--strategy full --epochs 1``;
+- ``linear_disk``: ``linear`` with ``--cache-images disk``, run twice in one process: the first run decodes into the
+  image cache, the second (its features removed, so they are extracted again) reads the stored pixels; each run's
+  image loading and feature extraction seconds;
 - ``peer``: the plain streaming pipeline a user would write: torchvision ImageFolder + DataLoader (2 workers, batch
   64), the embedded EfficientNet-Lite0 frozen under no_grad and bf16 autocast (where the CPU has bf16), one center
   crop, then scikit-learn's LogisticRegression.
@@ -36,7 +39,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "datasets"
-CONTENDERS = ("linear", "linear_1view", "full_1epoch", "peer")
+CONTENDERS = ("linear", "linear_1view", "full_1epoch", "peer", "linear_disk")
 
 
 # --------------------------------------------------------------------------------------------- the data
@@ -157,11 +160,24 @@ def run_visiontune(data: str, work: str, extra: list[str]) -> dict:
     m = json.loads((out / "metrics.json").read_text())
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     rates = [e["train_images_per_second"] for e in log if e.get("train_images_per_second")]
+    extraction = m.get("feature_extraction", {})
     return {
         "val_accuracy": m["best_val_accuracy"],
         "train_seconds": m["train_seconds"],
         "train_images_per_second": round(max(rates), 1) if rates else None,
+        "image_loading_seconds": m["image_loading"]["seconds"],
+        "feature_seconds": round(sum(v["seconds"] for k, v in extraction.items() if k != "engine"), 1) if extraction else None,
+        "feature_engine": extraction.get("engine"),
     }
+
+
+def run_twice_from_the_image_cache(data: str, work: str) -> dict:
+    first = run_visiontune(data, work, ["--strategy", "linear", "--cache-images", "disk"])
+    for f in (Path(work) / "features").glob("*.safetensors"):
+        f.unlink()
+    second = run_visiontune(data, work, ["--strategy", "linear", "--cache-images", "disk"])
+    phase = {run: r["image_loading_seconds"] + r["feature_seconds"] for run, r in (("first", first), ("second", second))}
+    return {**second, "first_run": first, "images_and_features_first_vs_second": round(phase["first"] / phase["second"], 2)}
 
 
 def run_peer(data: str) -> dict:
@@ -204,7 +220,12 @@ def child(args) -> None:
         "linear_1view": ["--strategy", "linear", "--views", "1"],
         "full_1epoch": ["--strategy", "full", "--epochs", "1"],
     }
-    result = run_peer(args.data) if args.child == "peer" else run_visiontune(args.data, args.work, extra[args.child])
+    if args.child == "peer":
+        result = run_peer(args.data)
+    elif args.child == "linear_disk":
+        result = run_twice_from_the_image_cache(args.data, args.work)
+    else:
+        result = run_visiontune(args.data, args.work, extra[args.child])
     print(json.dumps(result))
 
 

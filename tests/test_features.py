@@ -162,7 +162,7 @@ def test_streamed_features_equal_in_ram_features_for_any_worker_count(tmp_path):
     tf = classification_train(32, (0.5,) * 3, (0.5,) * 3, 0.25)
     in_ram, _ = open_images(scan_folder(root), 40, tf, "ram", progress=False)
     streamed, _ = open_images(scan_folder(root), 40, tf, "none", progress=False)
-    assert in_ram.in_ram and not streamed.in_ram
+    assert in_ram.predecoded and not streamed.predecoded
     torch.manual_seed(0)
     backbone = TinyBackbone()
     a, ya = F.extract(TorchForward(backbone), in_ram, views=2, seed=3, progress=False)

@@ -207,7 +207,8 @@ def test_training_on_an_index_is_training_on_its_folders(tmp_path):
     (each with its own feature cache, so neither reuses the other's features)."""
     data = make_class_folders(tmp_path / "data", classes=("red", "blue", "green"), per_class=6)
     index = index_of_folders(data, tmp_path / "lists" / "index.csv")
-    common = dict(model="timm:test_efficientnet", weights="none", image_size=64, epochs=30, lr=0.5, quiet=True, seed=0)
+    # one engine for both: with two caches, "auto" times the engines twice and may choose differently (features equal to 1e-6)
+    common = dict(model="timm:test_efficientnet", weights="none", image_size=64, epochs=30, lr=0.5, quiet=True, seed=0, engine="torch")
     folders = fit(ClassifyConfig(data=str(data), out=str(tmp_path / "folders"), cache_dir=str(tmp_path / "cache1"), **common))
     indexed = fit(ClassifyConfig(data=str(index), out=str(tmp_path / "indexed"), cache_dir=str(tmp_path / "cache2"), **common))
     assert indexed["best_val_accuracy"] == folders["best_val_accuracy"] >= 0.9  # chance: 1/3

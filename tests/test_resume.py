@@ -62,11 +62,19 @@ CACHED = [
     "3",
     "--cache-dir",
     "none",
+    "--engine",
+    "torch",  # without a cache, "auto" would time the engines in each process and may choose differently
     "--wise-alpha",
     "0.5",
     "--quiet",
 ]
-TIMING = {"train_seconds", "train_images_per_second", "elapsed_seconds", "feature_extraction"}  # what this process measured or ran on
+TIMING = {
+    "train_seconds",
+    "train_images_per_second",
+    "elapsed_seconds",
+    "feature_extraction",
+    "image_loading",
+}  # what this process measured or ran on
 
 
 LAUNCHER = r"""

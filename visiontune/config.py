@@ -76,8 +76,10 @@ class ClassifyConfig:
     )
     cache_images: str = setting(
         "auto",
-        "ram: decode every image once and hold it (fast epochs; memory grows with the images); none: read each image "
-        "from disk when needed (flat memory); auto: ram while the decoded images fit 1 GiB (~4,000 photos), else none",
+        "ram: decode every image once and hold it (fast epochs; memory grows with the images); disk: decode once into "
+        "the image cache in --cache-dir and read pixels from there (later epochs and runs skip decoding; flat memory); "
+        "none: read each image from disk when needed (flat memory); auto: ram while the decoded images fit 1 GiB "
+        "(~4,000 photos), else none",
     )
     seed: int = setting(0, "random seed: the same seed gives the same run")
     device: str = setting("auto", "auto, cpu, cuda or mps")
@@ -111,7 +113,7 @@ class ClassifyConfig:
             raise UserError(f"--wise-alpha: must be in (0, 1], got {self.wise_alpha}")
         _check_range("--views", self.views, 1, 100)
         _check_range("--workers", self.workers, 0, 64)
-        _check_choice("--cache-images", self.cache_images, ("auto", "ram", "none"))
+        _check_choice("--cache-images", self.cache_images, ("auto", "ram", "disk", "none"))
         _check_choice("--precision", self.precision, ("auto", "bf16", "fp32"))
         _check_choice("--engine", self.engine, ENGINES)
         _check_range("--trainable-stages", self.trainable_stages, 0, 1000)

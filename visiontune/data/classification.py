@@ -23,6 +23,7 @@ from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
 from ..errors import UserError
+from .image_store import ImageStore, StoreWriter, room_for, store_dir, store_key
 from .images import BadImage, is_image_file, load_rgb
 from .index import is_index, read_index, read_val_index
 
@@ -156,10 +157,11 @@ def load_downsized(path: str | Path, short_side: int) -> torch.Tensor:
 
 
 class ClassImages(Dataset):
-    """(transformed image, class index) per file: decoded and downsized when read (in DataLoader workers), or held
-    decoded in RAM (``images``). ``transform`` (torchvision v2) turns the uint8 image into a normalized float tensor."""
+    """(transformed image, class index) per file: decoded and downsized when read (in DataLoader workers), or decoded
+    ahead (``images``: a list in RAM, or an ``ImageStore`` on disk). ``transform`` (torchvision v2) turns the uint8 image
+    into a normalized float tensor."""
 
-    def __init__(self, items: list[tuple[Path, int]], short_side: int, transform, images: list[torch.Tensor] | None = None):
+    def __init__(self, items: list[tuple[Path, int]], short_side: int, transform, images=None):
         self.items, self.short_side, self.transform, self.images = items, short_side, transform, images
 
     def __len__(self) -> int:
@@ -174,7 +176,13 @@ class ClassImages(Dataset):
         return [p for p, _ in self.items]
 
     @property
-    def in_ram(self) -> bool:
+    def cache(self) -> str:
+        """Where decoded images come from: "ram", "disk" (the image store) or "none" (decoded when read)."""
+        return "none" if self.images is None else "ram" if isinstance(self.images, list) else "disk"
+
+    @property
+    def predecoded(self) -> bool:
+        """Decoded ahead: held in RAM, or in the on-disk image store."""
         return self.images is not None
 
     def decoded(self, i: int) -> torch.Tensor:
@@ -201,34 +209,89 @@ def estimated_bytes(n_images: int, short_side: int) -> int:
 
 
 def open_images(
-    samples: Samples, short_side: int, transform, cache: str = "auto", skip_bad: bool = False, threads: int = 2, progress: bool = True
+    samples: Samples,
+    short_side: int,
+    transform,
+    cache: str = "auto",
+    skip_bad: bool = False,
+    threads: int = 2,
+    progress: bool = True,
+    cache_dir: Path | None = None,
 ) -> tuple[ClassImages, list[str]]:
     """The images of ``samples`` as a dataset, and the bad files skipped (``skip_bad``; else the first is an error).
 
-    ``cache``: "ram" decodes every image now (in ``threads`` threads) and holds it; "none" reads each when needed,
+    ``cache``: "ram" decodes every image now (in ``threads`` threads) and holds it; "disk" reads them from the image
+    store in ``cache_dir`` (image_store.py), decoding into it first when it is not there; "none" reads each when needed,
     after reading every file's header now; "auto": "ram" while the images fit ``RAM_BUDGET_BYTES``, else "none".
     """
-    in_ram = cache == "ram" or (cache == "auto" and estimated_bytes(len(samples), short_side) <= RAM_BUDGET_BYTES)
-    work = partial(load_downsized, short_side=short_side) if in_ram else partial(load_rgb, header_only=True)
+    mode = _cache_mode(cache, samples, short_side, cache_dir)
+    writer = None
+    if mode == "disk":
+        key = store_key(samples.items, short_side)
+        store = ImageStore.open(store_dir(cache_dir, key), key)
+        if store is not None:
+            return _from_store(samples, store, short_side, transform, skip_bad)
+        writer = StoreWriter(cache_dir, key)
+    try:
+        items, images, bad = _read_all(samples, short_side, mode, skip_bad, threads, progress, writer)
+    except BaseException:
+        if writer is not None:
+            writer.abandon()
+        raise
+    if bad:
+        log.warning("skipped %d bad image(s): %s", len(bad), "; ".join(msg for _, msg in bad[:3]))
+    if writer is not None:
+        images = writer.commit(bad)
+    return ClassImages(items, short_side, transform, images if mode != "none" else None), [msg for _, msg in bad]
+
+
+def _cache_mode(cache: str, samples: Samples, short_side: int, cache_dir: Path | None) -> str:
+    estimated = estimated_bytes(len(samples), short_side)
+    if cache == "auto":
+        return "ram" if estimated <= RAM_BUDGET_BYTES else "none"
+    if cache == "disk":
+        if cache_dir is None:
+            raise UserError("--cache-images disk: needs a cache folder, and --cache-dir is none")
+        why_not = room_for(cache_dir, estimated)
+        if why_not:
+            log.warning("--cache-images disk: %s; reading the images from their files instead", why_not)
+            return "none"
+    return cache
+
+
+def _read_all(samples: Samples, short_side: int, mode: str, skip_bad: bool, threads: int, progress: bool, writer):
+    """Decode every image (``mode`` ram or disk: kept in a list, or written by ``writer``), or read every header."""
+    decode = mode != "none"
+    work = partial(load_downsized, short_side=short_side) if decode else partial(load_rgb, header_only=True)
     items, images, bad = [], [], []
     with ThreadPoolExecutor(max(1, threads)) as pool:  # PIL and torch release the GIL while they decode and resize
         chunks = (samples.items[i : i + 1024] for i in range(0, len(samples), 1024))  # a million files: not a million futures
         results = (r for chunk in chunks for r in pool.map(lambda item: _attempt(work, item[0]), chunk))
-        desc = "decode" if in_ram else "check headers"
+        desc = {"ram": "decode", "disk": "decode into the image cache", "none": "check headers"}[mode]
         for item, (image, error) in tqdm(
             zip(samples.items, results), total=len(samples), desc=desc, unit="img", leave=False, disable=not progress or None
         ):
             if error is not None:
                 if not skip_bad:
                     raise UserError(f"{error} (pass --skip-bad to skip bad images)")
-                bad.append(str(error))
+                bad.append([str(item[0]), str(error)])
                 continue
             items.append(item)
-            if in_ram:
+            if writer is not None:
+                writer.add(image)
+            elif decode:
                 images.append(image)
-    if bad:
-        log.warning("skipped %d bad image(s): %s", len(bad), "; ".join(bad[:3]))
-    return ClassImages(items, short_side, transform, images if in_ram else None), bad
+    return items, images, bad
+
+
+def _from_store(samples: Samples, store: ImageStore, short_side: int, transform, skip_bad: bool) -> tuple[ClassImages, list[str]]:
+    if store.bad and not skip_bad:
+        raise UserError(f"{store.bad[0][1]} (pass --skip-bad to skip bad images)")
+    if store.bad:
+        log.warning("skipped %d bad image(s): %s", len(store.bad), "; ".join(msg for _, msg in store.bad[:3]))
+    bad_paths = {path for path, _ in store.bad}
+    items = [item for item in samples.items if str(item[0]) not in bad_paths]
+    return ClassImages(items, short_side, transform, store), [msg for _, msg in store.bad]
 
 
 def _attempt(work, path: Path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 import warnings
 from pathlib import Path
 
@@ -116,3 +118,13 @@ def image_size(path: str | Path) -> tuple[int, int]:
         w, h = im.size
         rotated = im.getexif().get(0x0112) in (5, 6, 7, 8)  # orientations that swap width and height
     return (h, w) if rotated else (w, h)
+
+
+def file_fingerprints(items: list[tuple[str | Path, int]]) -> dict:
+    """How many files, and a SHA-256 over each one's absolute path, size, mtime in ns and label: a changed, added,
+    replaced or relabeled file (an index can relabel a file in place) changes it; the key stays small for a million."""
+    h = hashlib.sha256()
+    for p, label in items:
+        st = os.stat(p)
+        h.update(f"{Path(p).resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0{label}\n".encode())
+    return {"count": len(items), "sha256": h.hexdigest()}

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from ..checkpoint import atomic_write, weights_digest
 from ..data.classification import ClassImages
+from ..data.images import file_fingerprints
 from .distributed import SeededPerSample
 
 log = logging.getLogger("visiontune")
@@ -80,16 +81,6 @@ def default_cache_dir() -> Path:
     if os.environ.get("VISIONTUNE_CACHE"):
         return Path(os.environ["VISIONTUNE_CACHE"])
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "visiontune" / "features"
-
-
-def file_fingerprints(items: list[tuple[str | Path, int]]) -> dict:
-    """How many files, and a SHA-256 over each one's absolute path, size, mtime in ns and label: a changed, added,
-    replaced or relabeled file (an index can relabel a file in place) changes it; the key stays small for a million."""
-    h = hashlib.sha256()
-    for p, label in items:
-        st = os.stat(p)
-        h.update(f"{Path(p).resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0{label}\n".encode())
-    return {"count": len(items), "sha256": h.hexdigest()}
 
 
 def cache_key(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -144,13 +145,16 @@ class ClassifyTask:
             backbone_lr_scale=recipe.backbone_lr_scale,
         )
         cores = len(os.sched_getaffinity(0))
-        images = dict(cache=cfg.cache_images, skip_bad=cfg.skip_bad, threads=cores, progress=progress)
+        self.cache_dir = None if str(cfg.cache_dir).lower() == "none" else Path(cfg.cache_dir or default_cache_dir())
+        images = dict(cache=cfg.cache_images, skip_bad=cfg.skip_bad, threads=cores, progress=progress, cache_dir=self.cache_dir)
         train_tf = classification_train(size, prep.mean, prep.std, recipe.crop_scale_min)
+        start = time.perf_counter()
         self.train_ds, self.bad_train = open_images(self.train_s, resize, train_tf, **images)
         self.val_ds, self.bad_val = open_images(self.val_s, resize, classification_eval(size, resize, prep.mean, prep.std), **images)
+        self.image_loading = {"cache": self.train_ds.cache, "seconds": round(time.perf_counter() - start, 2)}
         self.val_labels = torch.tensor(self.val_ds.labels)
-        # images held in RAM transform fast in this process; images read from disk decode in one worker per core
-        self.workers = cfg.workers if cfg.workers is not None else (0 if self.train_ds.in_ram else cores)
+        # images decoded ahead (RAM, image cache) transform fast in this process; files decode in one worker per core
+        self.workers = cfg.workers if cfg.workers is not None else (0 if self.train_ds.predecoded else cores)
         self.val_loader = DataLoader(distributed.shard(self.val_ds), batch_size=64, shuffle=False, num_workers=self.workers)
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
         self.meta = ClassifierMeta(
@@ -233,8 +237,9 @@ class ClassifyTask:
         """Features from the frozen base, on the engine measured faster here (engine/frozen.py), through the cache."""
         cfg, prep, base = self.cfg, self.meta.preprocessing, self.model.backbone
         if self.frozen is None:  # with workers decoding beside it, ONNX Runtime's threads sleep between batches, not spin
-            cache = None if str(cfg.cache_dir).lower() == "none" else Path(cfg.cache_dir or default_cache_dir())
-            self.frozen = frozen_forward(self.meta.model, base, prep.input_size, cfg.engine, self.bf16, cache, spin=self.workers == 0)
+            self.frozen = frozen_forward(
+                self.meta.model, base, prep.input_size, cfg.engine, self.bf16, self.cache_dir, spin=self.workers == 0
+            )
         how = f"decode {prep.resize_size}; {dataset.transform!r}"
         run = dict(
             desc=f"features ({split})", progress=self.progress, workers=self.workers, timing=self.feature_timing.setdefault(split, {})
@@ -319,6 +324,7 @@ class ClassifyTask:
             "skipped_bad_images": self.bad_train + self.bad_val,
             "skipped_non_images": self.train_s.skipped,
         }
+        metrics["image_loading"] = self.image_loading  # decoding (ram, disk) or reading headers (none) before training
         if self.frozen is not None:  # this process computed or read features (a resumed run may have done neither)
             metrics["feature_extraction"] = {"engine": self.frozen.name, **{split: t for split, t in self.feature_timing.items() if t}}
         if self.meta.advice:
