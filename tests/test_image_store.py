@@ -126,3 +126,12 @@ def test_meta_names_its_key(tmp_path):
     (store,) = stores(tmp_path / "c")
     meta = json.loads((store / "meta.json").read_text())
     assert meta["key"]["short_side"] == 40 and meta["count"] == 4 and meta["key"]["files"]["count"] == 4
+
+
+def test_auto_stores_what_ram_cannot_hold_and_streams_without_a_cache_folder(tmp_path, monkeypatch):
+    root = make_class_folders(tmp_path / "data", per_class=3, splits=("train",)) / "train"
+    small, _ = open_images(scan_folder(root), 40, TF, "auto", progress=False, cache_dir=tmp_path / "c")
+    monkeypatch.setattr(C, "RAM_BUDGET_BYTES", 0)
+    large, _ = open_images(scan_folder(root), 40, TF, "auto", progress=False, cache_dir=tmp_path / "c")
+    no_folder, _ = open_images(scan_folder(root), 40, TF, "auto", progress=False, cache_dir=None)
+    assert (small.cache, large.cache, no_folder.cache) == ("ram", "disk", "none")

@@ -53,3 +53,16 @@ def test_a_run_records_the_precision_its_training_steps_used(tmp_path):
     assert json.loads((out / "log.jsonl").read_text().splitlines()[0])["precision"] == "fp32"
     assert main([*argv, "--overwrite"]) == 0  # auto: bf16 where native and measured faster for this step, else fp32
     assert json.loads((out / "log.jsonl").read_text().splitlines()[0])["precision"] in ("bf16", "fp32")
+
+
+def test_patience_stops_after_epochs_without_a_better_score_and_a_resume_stays_stopped(tmp_path):
+    data = make_class_folders(tmp_path / "data")
+    out = tmp_path / "run"
+    tiny = ["--model", "timm:test_efficientnet", "--weights", "none", "--image-size", "64", "--strategy", "full", "--quiet"]
+    assert main(["classify", "train", "--data", str(data), "--out", str(out), *tiny, "--epochs", "12", "--lr", "0.01", "--patience", "2"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    log = (out / "log.jsonl").read_text().splitlines()
+    assert m["stopped_epoch"] == m["best_epoch"] + 2 == len(log) < 12, (m["stopped_epoch"], m["best_epoch"], len(log))
+    assert max(json.loads(line)["val_accuracy"] for line in log) == m["best_val_accuracy"]
+    assert main(["classify", "train", "--resume", str(out)]) == 0  # the checkpoint is past its patience: no more epochs
+    assert (out / "log.jsonl").read_text().splitlines() == log

@@ -21,8 +21,28 @@ from .errors import UserError
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, exit 2
-        raise UserError(f"{self.prog}: {message}")
+    def error(self, message: str):  # one line, exit 2; main() adds "visiontune: error:"
+        where = self.prog.removeprefix("visiontune").strip()
+        raise UserError(f"{where + ': ' if where else ''}{message}{_did_you_mean(self, message)}")
+
+
+def _did_you_mean(parser: argparse.ArgumentParser, message: str) -> str:
+    """For a mistyped flag: the closest flag any subcommand has ("--class-weigts" -> "--class-weights")."""
+    if not message.startswith("unrecognized arguments:"):
+        return ""
+    flags = set()
+
+    def collect(p: argparse.ArgumentParser) -> None:
+        for action in p._actions:
+            flags.update(o for o in action.option_strings if o.startswith("--"))
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    collect(sub)
+
+    collect(parser)
+    typed = [a.split("=", 1)[0] for a in message.split(":", 1)[1].split() if a.startswith("-")]
+    close = [m for a in typed for m in difflib.get_close_matches(a, sorted(flags), n=1, cutoff=0.75)]
+    return f" (did you mean {', '.join(close)}?)" if close else ""
 
 
 def _add_config_args(p: argparse.ArgumentParser, cls, skip: set[str] = frozenset(), positional: tuple[str, ...] = ()) -> None:
@@ -92,7 +112,14 @@ def _checked_types(values: dict, cls, source: str) -> dict:
 def _add_train(commands, help_text: str, cls, func) -> None:
     p = commands.add_parser("train", help=help_text)
     _add_config_args(p, cls)
-    p.add_argument("--resume", action="store_true", default=argparse.SUPPRESS, help="continue the run in --out from its last checkpoint")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=argparse.SUPPRESS,
+        metavar="RUN",
+        help="continue the run RUN (or the one in --out) from its last checkpoint",
+    )
     p.set_defaults(func=func)
 
 
@@ -159,8 +186,12 @@ def _train(args: argparse.Namespace, cls, fit) -> None:
     on the command line must agree with them, even one equal to the default (runs.resume_config)."""
     given = _settings(args, cls)
     resume = getattr(args, "resume", False)
+    if isinstance(resume, str):  # --resume RUN
+        if given.get("out") and Path(given["out"]) != Path(resume):
+            raise UserError(f"--resume {resume}: and --out {given['out']}: name one run to continue")
+        given["out"] = resume
     if resume and not given.get("out"):
-        raise UserError("--resume: pass --out RUN, the run to continue")
+        raise UserError("--resume: pass the run to continue: --resume RUN (or --out RUN --resume)")
     fit(from_dict(cls, given), resume=resume, given=given if resume else None)
 
 

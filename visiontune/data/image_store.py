@@ -9,7 +9,8 @@ run killed while building leaves nothing a later run would read. Images are read
 mapped pages count in the reading process's resident memory, and a million images would map 250 GB.
 
 The folder is bounded: after a new store, the least recently used ones are deleted until all fit ``max_bytes``
-(default 50 GiB, ``$VISIONTUNE_IMAGE_CACHE_GB``); a set larger than that, or than the free disk, is not stored.
+(default 20 GiB, ``$VISIONTUNE_IMAGE_CACHE_GB``: about 75,000 photos at a 256-px short side); a set larger than that,
+or than the free disk, is not stored.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import UserError
 from .images import file_fingerprints
 
 log = logging.getLogger("visiontune")
@@ -32,7 +34,11 @@ SHARD_BYTES = 1 << 30
 
 
 def max_bytes() -> int:
-    return int(float(os.environ.get("VISIONTUNE_IMAGE_CACHE_GB", 50)) * (1 << 30))
+    value = os.environ.get("VISIONTUNE_IMAGE_CACHE_GB", "20")
+    try:
+        return int(float(value) * (1 << 30))
+    except ValueError:
+        raise UserError(f"VISIONTUNE_IMAGE_CACHE_GB: expected a number of GiB, got {value!r}") from None
 
 
 def store_key(items: list[tuple[Path, int]], short_side: int) -> dict:

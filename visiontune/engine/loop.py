@@ -97,6 +97,11 @@ def fit(task: Task, resume: bool = False, given: dict | None = None) -> dict:
             distributed.any_process,
         )
         for epoch in range(first_epoch, cfg.epochs):
+            if out_of_patience(cfg.patience, state, epoch):
+                state.stopped_epoch = epoch
+                if progress:
+                    print(f"stopping after epoch {epoch}: no better validation score for {cfg.patience} epoch(s) (--patience)", flush=True)
+                break
             task.before_epoch(epoch)
             loader = task.epoch_loader(epoch)
             if first_step:  # mid-epoch: skip the batches done; the RNG state is the checkpoint's
@@ -130,6 +135,15 @@ def fit(task: Task, resume: bool = False, given: dict | None = None) -> dict:
     fault_point("finish")
     metrics = task.finish(out, state) if distributed.is_main() else None
     return distributed.broadcast_object(metrics)
+
+
+def out_of_patience(patience: int, state: RunState, epochs_done: int) -> bool:
+    """``patience`` epochs done since the best one (checked before each epoch, so a resumed run stops where it would
+    have). Rank 0 keeps the best epoch and decides for every process."""
+    if not patience:
+        return False
+    decision = state.best_epoch > 0 and epochs_done - state.best_epoch >= patience if distributed.is_main() else None
+    return distributed.broadcast_object(decision)
 
 
 def start(task: Task, resume: bool, given: dict | None):

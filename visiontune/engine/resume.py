@@ -27,6 +27,7 @@ class RunState:
     history: list[dict] = field(default_factory=list)
     elapsed_before: float = 0.0  # seconds spent before this process (a resumed run)
     start: float = field(default_factory=time.perf_counter)
+    stopped_epoch: int | None = None  # epochs done when --patience stopped the run (not saved: it follows from the rest)
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.start

@@ -309,6 +309,7 @@ class ClassifyTask:
             "task": "classification",
             "best_val_accuracy": state.best,
             "best_epoch": state.best_epoch,
+            "stopped_epoch": state.stopped_epoch,
             "final_val_accuracy": final_acc,
             "epochs": cfg.epochs,
             "train_seconds": round(train_seconds, 2),

@@ -190,6 +190,7 @@ class DetectTask:
         metrics.update(
             epochs=cfg.epochs,
             best_epoch=state.best_epoch,
+            stopped_epoch=state.stopped_epoch,
             train_seconds=round(train_seconds, 2),
             model=self.meta.model,
             backbone=cfg.backbone,
