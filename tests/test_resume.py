@@ -209,7 +209,7 @@ def runs(data, tmp_path_factory) -> dict:
     baseline, then a Ctrl-C and its resume; a kill while caching features and one after the cached head phase."""
     root = tmp_path_factory.mktemp("runs")
     start = lambda out: [*TRAIN, "--data", str(data), "--out", str(out)]  # noqa: E731
-    resume = lambda out: ["classify", "train", "--out", str(out), "--resume"]  # noqa: E731
+    resume = lambda out: ["classify", "train", "--resume", str(out)]  # noqa: E731 - the run named by --resume itself
 
     cached = [*CACHED, "--weights", str(write_pretrained_weights(root / "test_efficientnet.safetensors"))]
 

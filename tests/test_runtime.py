@@ -59,7 +59,9 @@ def test_patience_stops_after_epochs_without_a_better_score_and_a_resume_stays_s
     data = make_class_folders(tmp_path / "data")
     out = tmp_path / "run"
     tiny = ["--model", "timm:test_efficientnet", "--weights", "none", "--image-size", "64", "--strategy", "full", "--quiet"]
-    assert main(["classify", "train", "--data", str(data), "--out", str(out), *tiny, "--epochs", "12", "--lr", "0.01", "--patience", "2"]) == 0
+    assert (
+        main(["classify", "train", "--data", str(data), "--out", str(out), *tiny, "--epochs", "12", "--lr", "0.01", "--patience", "2"]) == 0
+    )
     m = json.loads((out / "metrics.json").read_text())
     log = (out / "log.jsonl").read_text().splitlines()
     assert m["stopped_epoch"] == m["best_epoch"] + 2 == len(log) < 12, (m["stopped_epoch"], m["best_epoch"], len(log))

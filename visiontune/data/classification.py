@@ -270,7 +270,8 @@ def _read_all(samples: Samples, short_side: int, mode: str, skip_bad: bool, thre
     work = partial(load_downsized, short_side=short_side) if decode else partial(load_rgb, header_only=True)
     items, images, bad = [], [], []
     with ThreadPoolExecutor(max(1, threads)) as pool:  # PIL and torch release the GIL while they decode and resize
-        chunks = (samples.items[i : i + 1024] for i in range(0, len(samples), 1024))  # a million files: not a million futures
+        # a million files: not a million futures; 256 decoded images in flight at most (65 MB at 256 px)
+        chunks = (samples.items[i : i + 256] for i in range(0, len(samples), 256))
         results = (r for chunk in chunks for r in pool.map(lambda item: _attempt(work, item[0]), chunk))
         desc = {"ram": "decode", "disk": "decode into the image cache", "none": "check headers"}[mode]
         for item, (image, error) in tqdm(

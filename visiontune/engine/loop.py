@@ -93,7 +93,7 @@ def fit(task: Task, resume: bool = False, given: dict | None = None) -> dict:
             cfg.checkpoint_every,
             steps_per_epoch,
             last,
-            f"visiontune {task.command} train --out {out} --resume",
+            f"visiontune {task.command} train --resume {out}",
             distributed.any_process,
         )
         for epoch in range(first_epoch, cfg.epochs):
