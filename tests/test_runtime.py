@@ -68,3 +68,19 @@ def test_patience_stops_after_epochs_without_a_better_score_and_a_resume_stays_s
     assert max(json.loads(line)["val_accuracy"] for line in log) == m["best_val_accuracy"]
     assert main(["classify", "train", "--resume", str(out)]) == 0  # the checkpoint is past its patience: no more epochs
     assert (out / "log.jsonl").read_text().splitlines() == log
+
+
+def test_monitor_watches_a_log_field_and_a_wrong_one_is_named(tmp_path, capsys):
+    from visiontune.engine.loop import best_epoch
+    from visiontune.engine.resume import RunState
+
+    state = RunState(best_epoch=2, history=[{"epoch": 1, "val_loss": 0.9}, {"epoch": 2, "val_loss": 0.5}, {"epoch": 3, "val_loss": 0.5}])
+    assert best_epoch("auto", state) == 2 and best_epoch("val_loss", state) == 2  # a tie is no improvement
+    state.history.append({"epoch": 4, "val_loss": 0.4})
+    assert best_epoch("val_loss", state) == 4
+    data = make_class_folders(tmp_path / "data")
+    tiny = ["--model", "timm:test_efficientnet", "--weights", "none", "--image-size", "64", "--strategy", "full", "--quiet"]
+    args = ["classify", "train", "--data", str(data), "--out", str(tmp_path / "run"), *tiny, "--epochs", "3"]
+    assert main([*args, "--patience", "1", "--monitor", "val_acc"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--monitor val_acc: not in the log; choose auto or one of" in err[0] and "val_accuracy" in err[0], err

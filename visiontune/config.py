@@ -94,8 +94,11 @@ class ClassifyConfig:
     cache_dir: str | None = setting(
         None, "feature cache folder; 'none' turns it off (default: $VISIONTUNE_CACHE or ~/.cache/visiontune/features)"
     )
-    patience: int = setting(
-        0, "stop after N epochs without a better validation score (the one that picks the kept model); 0: train every epoch"
+    patience: int = setting(0, "stop after N epochs without a better --monitor value; 0: train every epoch")
+    monitor: str = setting(
+        "auto",
+        "what --patience watches: auto (the score that picks the kept model) or a numeric field of log.jsonl, e.g. "
+        "val_loss (lower is better for names with 'loss')",
     )
     checkpoint_every: int = setting(0, "also save the resumable checkpoint every N steps (0: after each epoch only)")
     quiet: bool = setting(False, "no progress bars or per-epoch lines")
@@ -174,8 +177,11 @@ class DetectConfig:
     device: str = setting("auto", "auto, cpu, cuda or mps")
     quiet: bool = setting(False, "no progress bars or per-epoch lines")
     overwrite: bool = setting(False, "replace an existing run directory")
-    patience: int = setting(
-        0, "stop after N epochs without a better validation score (the one that picks the kept model); 0: train every epoch"
+    patience: int = setting(0, "stop after N epochs without a better --monitor value; 0: train every epoch")
+    monitor: str = setting(
+        "auto",
+        "what --patience watches: auto (the score that picks the kept model) or a numeric field of log.jsonl, e.g. "
+        "val_loss (lower is better for names with 'loss')",
     )
     checkpoint_every: int = setting(0, "also save the resumable checkpoint every N steps (0: after each epoch only)")
     tensorboard: bool = setting(False, "also log scalars for TensorBoard in RUN/tensorboard (needs the tensorboard package)")

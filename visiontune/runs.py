@@ -18,7 +18,20 @@ from .errors import UserError
 MARKER = "config.yaml"
 # Settings a resumed run may change: they do not change what is computed (workers: augmentation is seeded per image).
 MAY_CHANGE_ON_RESUME = frozenset(
-    {"out", "quiet", "overwrite", "device", "workers", "checkpoint_every", "tensorboard", "cache_dir", "cache_images", "engine"}
+    {
+        "out",
+        "quiet",
+        "overwrite",
+        "device",
+        "workers",
+        "checkpoint_every",
+        "tensorboard",
+        "cache_dir",
+        "cache_images",
+        "engine",
+        "patience",
+        "monitor",
+    }
 )
 
 

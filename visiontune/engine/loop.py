@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from .. import checkpoint as ckpt
 from ..config import to_yaml
+from ..errors import UserError
 from ..faults import fault_point
 from ..runs import append_jsonl, check_out_dir, open_run_dir, resume_config, write_jsonl
 from . import distributed
@@ -97,10 +98,10 @@ def fit(task: Task, resume: bool = False, given: dict | None = None) -> dict:
             distributed.any_process,
         )
         for epoch in range(first_epoch, cfg.epochs):
-            if out_of_patience(cfg.patience, state, epoch):
+            if out_of_patience(cfg.patience, cfg.monitor, state, epoch):
                 state.stopped_epoch = epoch
                 if progress:
-                    print(f"stopping after epoch {epoch}: no better validation score for {cfg.patience} epoch(s) (--patience)", flush=True)
+                    print(f"stopping after epoch {epoch}: no better {cfg.monitor} for {cfg.patience} epoch(s) (--patience)", flush=True)
                 break
             task.before_epoch(epoch)
             loader = task.epoch_loader(epoch)
@@ -137,13 +138,30 @@ def fit(task: Task, resume: bool = False, given: dict | None = None) -> dict:
     return distributed.broadcast_object(metrics)
 
 
-def out_of_patience(patience: int, state: RunState, epochs_done: int) -> bool:
-    """``patience`` epochs done since the best one (checked before each epoch, so a resumed run stops where it would
-    have). Rank 0 keeps the best epoch and decides for every process."""
+def out_of_patience(patience: int, monitor: str, state: RunState, epochs_done: int) -> bool:
+    """``patience`` epochs done since the best value of ``monitor`` (checked before each epoch, so a resumed run stops
+    where it would have). Rank 0 decides for every process."""
     if not patience:
         return False
-    decision = state.best_epoch > 0 and epochs_done - state.best_epoch >= patience if distributed.is_main() else None
+    decision = epochs_done - best_epoch(monitor, state) >= patience if distributed.is_main() else None
     return distributed.broadcast_object(decision)
+
+
+def best_epoch(monitor: str, state: RunState) -> int:
+    """The first epoch with the best ``monitor`` value in the log ("auto": the score that picks the kept model;
+    lower is better for a name with "loss"); 0 before any epoch is logged."""
+    if monitor == "auto" or not state.history:
+        return max(0, state.best_epoch)
+    values = [(e["epoch"], e[monitor]) for e in state.history if isinstance(e.get(monitor), (int, float))]
+    if not values:
+        numbers = sorted(k for k, v in state.history[-1].items() if isinstance(v, (int, float)) and k != "epoch")
+        raise UserError(f"--monitor {monitor}: not in the log; choose auto or one of {', '.join(numbers)}")
+    sign = -1 if "loss" in monitor else 1
+    best, at = values[0][1] * sign, values[0][0]
+    for epoch, value in values[1:]:
+        if value * sign > best:
+            best, at = value * sign, epoch
+    return at
 
 
 def start(task: Task, resume: bool, given: dict | None):
