@@ -241,6 +241,17 @@ def index_bad_split_value(t, out):
 
 
 @case()
+def class_weights_unknown_class(t, out):
+    (t / "weights.json").write_text('{"green": 2}')
+    return train(folders(t), out, "--class-weights", str(t / "weights.json")), "weights.json: unknown class(es) green"
+
+
+@case()
+def monitor_not_in_the_log(t, out):
+    return train(folders(t), out, "--patience", "1", "--monitor", "val_acc"), "--monitor: unknown monitor 'val_acc'"
+
+
+@case()
 def index_duplicate_image(t, out):
     data = index(
         t, '{"path": "a.png", "label": "red"}\n{"path": "b.png", "label": "blue"}\n{"path": "./a.png", "label": "blue"}\n', "i.jsonl"

@@ -13,6 +13,9 @@ from .errors import UserError
 from .strategies import AUTO, RECIPES, STRATEGIES
 
 HEADS = ("linear", "mlp", "logreg", "svm", "knn")
+# what --patience may watch (numeric fields of log.jsonl), besides auto: the score that picks the kept model
+CLASSIFY_MONITORS = ("auto", "val_accuracy", "val_balanced_accuracy", "val_loss", "train_loss", "train_accuracy")
+DETECT_MONITORS = ("auto", "bbox_AP", "bbox_AP50", "bbox_AP75", "segm_AP", "segm_AP50", "segm_AP75", "train_loss")
 ENGINES = ("auto", "torch", "onnxruntime", "openvino", "openvino-bf16")  # what runs a frozen forward pass (engine/frozen.py)
 
 
@@ -67,6 +70,11 @@ class ClassifyConfig:
         "pretrained base weights (WiSE-FT); 1 keeps the fine-tuned weights (default: the recipe's, 0.5 for "
         "full, else 1)",
     )
+    class_weights: str = setting(
+        "none",
+        "loss weight per class: none, auto (inverse class frequency) or a JSON file of {class: weight}; for "
+        "imbalanced classes (the scikit-learn heads weigh their samples the same way)",
+    )
     image_size: int | None = setting(None, "training crop size in pixels (default: the backbone's, e.g. 224)")
     views: int | None = setting(None, "augmented views per training image in the feature cache (default: the recipe's)")
     workers: int | None = setting(
@@ -97,8 +105,8 @@ class ClassifyConfig:
     patience: int = setting(0, "stop after N epochs without a better --monitor value; 0: train every epoch")
     monitor: str = setting(
         "auto",
-        "what --patience watches: auto (the score that picks the kept model) or a numeric field of log.jsonl, e.g. "
-        "val_loss (lower is better for names with 'loss')",
+        f"what --patience watches: auto (the score that picks the kept model, val_accuracy), or {', '.join(CLASSIFY_MONITORS[2:])} "
+        "(lower is better for losses)",
     )
     checkpoint_every: int = setting(0, "also save the resumable checkpoint every N steps (0: after each epoch only)")
     quiet: bool = setting(False, "no progress bars or per-epoch lines")
@@ -125,6 +133,7 @@ class ClassifyConfig:
         _check_range("--trainable-stages", self.trainable_stages, 0, 1000)
         _check_range("--checkpoint-every", self.checkpoint_every, 0, 10**9)
         _check_range("--patience", self.patience, 0, 10_000)
+        _check_choice("--monitor", self.monitor, CLASSIFY_MONITORS)
         if self.val_split is not None and not 0.0 < self.val_split < 1.0:
             raise UserError(f"--val-split: must be between 0 and 1 (exclusive), got {self.val_split}")
         return self
@@ -180,8 +189,8 @@ class DetectConfig:
     patience: int = setting(0, "stop after N epochs without a better --monitor value; 0: train every epoch")
     monitor: str = setting(
         "auto",
-        "what --patience watches: auto (the score that picks the kept model) or a numeric field of log.jsonl, e.g. "
-        "val_loss (lower is better for names with 'loss')",
+        f"what --patience watches: auto (the score that picks the kept model: segm_AP, or bbox_AP without masks), or "
+        f"{', '.join(DETECT_MONITORS[1:])} (lower is better for losses)",
     )
     checkpoint_every: int = setting(0, "also save the resumable checkpoint every N steps (0: after each epoch only)")
     tensorboard: bool = setting(False, "also log scalars for TensorBoard in RUN/tensorboard (needs the tensorboard package)")
@@ -198,6 +207,7 @@ class DetectConfig:
         _check_range("--val-last", self.val_last, 1, 10**7)
         _check_range("--rois-per-image", self.rois_per_image, 1, 4096)
         _check_range("--patience", self.patience, 0, 10_000)
+        _check_choice("--monitor", self.monitor, DETECT_MONITORS)
         _check_choice("--precision", self.precision, ("auto", "bf16", "fp32"))
         if self.max_size < self.min_size:
             raise UserError(f"--max-size ({self.max_size}) must be at least --min-size ({self.min_size})")

@@ -188,6 +188,7 @@ def _summary(metrics: dict, task: str) -> str:
         "best_val_accuracy",
         "best_epoch",
         "final_val_accuracy",
+        "val_balanced_accuracy",
         "train_seconds",
         "trainable_params",
         "total_params",

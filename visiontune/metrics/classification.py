@@ -26,7 +26,8 @@ def predict_logits(
 
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict:
-    """Accuracy, per-class precision/recall/F1 and the confusion matrix (rows: true, columns: predicted)."""
+    """Accuracy, balanced accuracy (the mean of per-class recall), per-class precision/recall/F1 and the confusion matrix
+    (rows: true, columns: predicted)."""
     n = len(classes)
     pred = logits.argmax(1)
     confusion = torch.zeros(n, n, dtype=torch.long)
@@ -40,5 +41,41 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: 
         f1 = 2 * p * r / (p + r) if p + r else 0.0
         per_class[name] = {"precision": p, "recall": r, "f1": f1, "support": actual}
     accuracy = (pred == labels).float().mean().item() if len(labels) else 0.0
+    recalls = [v["recall"] for v in per_class.values() if v["support"]]
+    balanced = sum(recalls) / len(recalls) if recalls else 0.0  # mean recall of the classes present
     loss = nn.functional.cross_entropy(logits, labels.long()).item() if len(labels) else 0.0
-    return {"accuracy": accuracy, "loss": loss, "per_class": per_class, "confusion_matrix": confusion.tolist(), "classes": classes}
+    return {
+        "accuracy": accuracy,
+        "balanced_accuracy": balanced,
+        "loss": loss,
+        "per_class": per_class,
+        "confusion_matrix": confusion.tolist(),
+        "classes": classes,
+    }
+
+
+def class_weights(setting: str, labels: list[int], classes: list[str]) -> torch.Tensor | None:
+    """Loss weights per class for ``--class-weights``: none; auto (inverse frequency, scaled so that the average
+    training image weighs 1: n / (classes * n_class)); or a JSON file of {class name: weight} (missing classes: 1)."""
+    if setting == "none":
+        return None
+    if setting == "auto":
+        counts = torch.bincount(torch.as_tensor(labels), minlength=len(classes)).float()
+        return torch.where(counts > 0, len(labels) / (len(classes) * counts.clamp(min=1)), torch.zeros_like(counts))
+    import json
+    from pathlib import Path
+
+    from ..errors import UserError
+
+    try:
+        given = json.loads(Path(setting).read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(
+            f"--class-weights: {setting}: not a readable JSON file of class weights ({getattr(e, 'strerror', None) or e})"
+        ) from None
+    if not isinstance(given, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in given.values()):
+        raise UserError(f"--class-weights: {setting}: expected an object of class name -> weight (a number >= 0)")
+    unknown = sorted(set(given) - set(classes))
+    if unknown:
+        raise UserError(f"--class-weights: {setting}: unknown class(es) {', '.join(unknown)} (the classes: {', '.join(classes)})")
+    return torch.tensor([float(given.get(c, 1.0)) for c in classes])

@@ -29,19 +29,22 @@ def train_head_on_features(
     passes: int,
     lr: float,
     on_epoch,
+    class_weights: torch.Tensor | None = None,
 ) -> None:
-    """The head alone, many passes over cached features; ``on_epoch(pass, train stats, val logits)`` after each."""
+    """The head alone, many passes over cached features; ``on_epoch(pass, train stats, val logits)`` after each.
+    ``class_weights``: the loss's weight per class (None: equal)."""
     device = next(itertools.chain(model.head.parameters(), model.head.buffers())).device
     (xf, yf), (xv, yv) = [(x.to(device), y.to(device)) for x, y in (train_feats, val_feats)]
     if head in SKLEARN_HEADS:
-        fit_sklearn_head(head, model.head, xf.cpu(), yf.cpu(), seed)
+        fit_sklearn_head(head, model.head, xf.cpu(), yf.cpu(), seed, class_weights)
         with torch.no_grad():
             on_epoch(0, {"train_loss": None, "train_accuracy": None}, model.forward_head(xv))
         return
     opt = torch.optim.AdamW(model.head.parameters(), lr=lr, weight_decay=weight_decay)
     steps = math.ceil(len(xf) / batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=passes * steps)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    weight = class_weights.to(device) if class_weights is not None else None
+    loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
     g = torch.Generator().manual_seed(seed)
     for p in range(passes):
         model.head.train()
@@ -62,8 +65,11 @@ def train_head_on_features(
             on_epoch(p, {"train_loss": loss_sum / len(xf), "train_accuracy": correct / len(xf)}, model.head(xv))
 
 
-def fit_sklearn_head(kind: str, head: nn.Module, feats: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> None:
-    """Fit logistic regression / linear SVM / kNN with scikit-learn (or torch for kNN) and copy into ``head``."""
+def fit_sklearn_head(
+    kind: str, head: nn.Module, feats: torch.Tensor, labels: torch.Tensor, seed: int = 0, class_weights: torch.Tensor | None = None
+) -> None:
+    """Fit logistic regression / linear SVM / kNN with scikit-learn (or torch for kNN; it ignores ``class_weights``)
+    and copy into ``head``."""
     if kind == "knn":
         head.set_bank(feats, labels)
         return
@@ -71,7 +77,11 @@ def fit_sklearn_head(kind: str, head: nn.Module, feats: torch.Tensor, labels: to
     from sklearn.svm import LinearSVC
 
     x, y = feats.numpy(), labels.numpy()
-    est = LogisticRegression(max_iter=2000, C=1.0) if kind == "logreg" else LinearSVC(C=0.1, random_state=seed, max_iter=5000)
+    weights = None if class_weights is None else dict(enumerate(class_weights.tolist()))
+    if kind == "logreg":
+        est = LogisticRegression(max_iter=2000, C=1.0, class_weight=weights)
+    else:
+        est = LinearSVC(C=0.1, random_state=seed, max_iter=5000, class_weight=weights)
     est.fit(x, y)
     coef, bias = torch.as_tensor(est.coef_, dtype=torch.float32), torch.as_tensor(est.intercept_, dtype=torch.float32)
     linear = head[-1]

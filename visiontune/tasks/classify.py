@@ -12,6 +12,7 @@ import math
 import os
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -30,7 +31,7 @@ from ..engine.runtime import faster_in_bf16
 from ..errors import UserError
 from ..faults import fault_point
 from ..meta import ClassifierMeta, EvalPreprocessing
-from ..metrics.classification import classification_metrics, predict_logits
+from ..metrics.classification import class_weights, classification_metrics, predict_logits
 from ..models.backbones import build_backbone
 from ..models.classifier import Classifier
 from ..runs import write_json
@@ -156,7 +157,9 @@ class ClassifyTask:
         # images decoded ahead (RAM, image cache) transform fast in this process; files decode in one worker per core
         self.workers = cfg.workers if cfg.workers is not None else (0 if self.train_ds.predecoded else cores)
         self.val_loader = DataLoader(distributed.shard(self.val_ds), batch_size=64, shuffle=False, num_workers=self.workers)
-        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
+        self.class_weights = class_weights(cfg.class_weights, [y for _, y in self.train_s.items], self.train_s.classes)
+        weight = self.class_weights.to(device) if self.class_weights is not None else None
+        self.loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=recipe.label_smoothing)
         self.meta = ClassifierMeta(
             model=backbone.name,
             classes=self.train_s.classes,
@@ -217,19 +220,18 @@ class ClassifyTask:
         strategies.apply(self.model, first)
         train = distributed.computed_on_main(lambda: self._features(self.train_ds, cfg.views, cfg.seed, "train"))
         val = distributed.computed_on_main(lambda: self._features(self.val_ds, 1, 0, "val"))
-        head_args = (self.model, cfg.head, cfg.batch_size, cfg.weight_decay, self.recipe.label_smoothing, cfg.seed, train, val)
+        settings = (cfg.head, cfg.batch_size, cfg.weight_decay, self.recipe.label_smoothing, cfg.seed)
+        head = partial(train_head_on_features, self.model, *settings, train, val, class_weights=self.class_weights)
         if STRATEGIES[cfg.strategy].frozen_base:  # the whole run is the head on cached features
             self.val_features = val[0]  # finish scores the kept head on them: no second pass over the images
-            train_head_on_features(
-                *head_args, cfg.epochs, cfg.lr, lambda p, stats, logits: self._record(record, p, "linear (cached features)", stats, logits)
-            )
+            head(cfg.epochs, cfg.lr, lambda p, stats, logits: self._record(record, p, "linear (cached features)", stats, logits))
             return cfg.epochs
         last = {}  # staged: the head's passes on cached features count as the head phase
 
         def keep(p, stats, logits):
             last["stats"], last["logits"] = stats, logits
 
-        train_head_on_features(*head_args, STRATEGIES["linear"].recipe.epochs, self.recipe.head_lr or cfg.lr, keep)
+        head(STRATEGIES["linear"].recipe.epochs, self.recipe.head_lr or cfg.lr, keep)
         self._record(record, first.epochs - 1, "head (cached features)", last["stats"], last["logits"])
         return first.epochs
 
@@ -276,6 +278,7 @@ class ClassifyTask:
     def _record(self, record, epoch: int, phase: str, stats: dict, logits: torch.Tensor) -> None:
         m = classification_metrics(logits.cpu(), self.val_labels, self.train_s.classes)
         fields = {"phase": phase, **stats, "val_loss": m["loss"], "val_accuracy": m["accuracy"], "lr": stats.get("lr")}
+        fields["val_balanced_accuracy"] = m["balanced_accuracy"]
         train_loss = f"{stats['train_loss']:.4f}" if stats.get("train_loss") is not None else "-"
         record(
             epoch,
@@ -311,6 +314,7 @@ class ClassifyTask:
             "best_epoch": state.best_epoch,
             "stopped_epoch": state.stopped_epoch,
             "final_val_accuracy": final_acc,
+            "val_balanced_accuracy": m["balanced_accuracy"],
             "epochs": cfg.epochs,
             "train_seconds": round(train_seconds, 2),
             "strategy": cfg.strategy,
