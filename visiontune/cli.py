@@ -137,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--skip-bad", action="store_true", help="skip unreadable images instead of stopping")
     _add_device_arg(e)
     _add_engine_arg(e)
+    _add_tta_arg(e)
     e.set_defaults(func=_classify_eval)
     pr = csub.add_parser("predict", help="top-k labels for images, one JSON line each")
     pr.add_argument("run", help="run directory, model.safetensors, or an exported .onnx file")
@@ -144,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--topk", type=int, default=3, help="labels per image (default: 3)")
     _add_device_arg(pr)
     _add_engine_arg(pr)
+    _add_tta_arg(pr)
     pr.set_defaults(func=_classify_predict)
     cmp_ = csub.add_parser("compare", help="train every strategy under the same budget; table and plot")
     _add_config_args(cmp_, ClassifyConfig, skip={"strategy"})
@@ -208,10 +210,16 @@ def _add_engine_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_tta_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tta", default="none", choices=("none", "flip"), help="test-time augmentation: flip averages the image and its mirror"
+    )
+
+
 def _classify_eval(args):
     from .inference.classify import evaluate
 
-    m = evaluate(args.run, args.data, skip_bad=args.skip_bad, device=args.device, engine=args.engine)
+    m = evaluate(args.run, args.data, skip_bad=args.skip_bad, device=args.device, engine=args.engine, tta=args.tta)
     print(f"accuracy {m['accuracy']:.4f} on {sum(v['support'] for v in m['per_class'].values())} images", file=sys.stderr)
     for name, v in m["per_class"].items():
         print(f"  {name:<20} precision {v['precision']:.3f}  recall {v['recall']:.3f}  f1 {v['f1']:.3f}  n={v['support']}", file=sys.stderr)
@@ -223,7 +231,7 @@ def _classify_predict(args):
         raise UserError("--topk: must be at least 1")
     from .inference.classify import predict
 
-    for r in predict(args.run, args.inputs, topk=args.topk, device=args.device, engine=args.engine):
+    for r in predict(args.run, args.inputs, topk=args.topk, device=args.device, engine=args.engine, tta=args.tta):
         print(json.dumps(r))
 
 

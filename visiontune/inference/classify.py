@@ -38,6 +38,19 @@ def classifier_forward(run_or_file: str | Path, device: str = "auto", engine: st
     return frozen_forward(f"{meta.model}-classifier", model, meta.preprocessing.input_size, engine, cache_dir=default_cache_dir()), meta
 
 
+TTA = ("none", "flip")
+
+
+def with_tta(forward, tta: str):
+    """``forward`` with test-time augmentation: "flip" averages the class probabilities of the image and its mirror
+    (returned as log-probabilities, so argmax, softmax and the loss read them as logits)."""
+    if tta not in TTA:
+        raise UserError(f"--tta: unknown {tta!r}; choose {' or '.join(TTA)}")
+    if tta == "none":
+        return forward
+    return lambda x: ((forward(x).float().softmax(1) + forward(x.flip(-1)).float().softmax(1)) / 2).log()
+
+
 def _logits(forward, loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
     logits, labels = [], []
     for x, y in loader:
@@ -58,10 +71,13 @@ def _labelled(data: Path) -> Samples:
     return scan_folder(data / "val" if (data / "val").is_dir() else data)
 
 
-def evaluate(run_or_file: str | Path, data: str | Path, skip_bad: bool = False, device: str = "auto", engine: str = "auto") -> dict:
+def evaluate(
+    run_or_file: str | Path, data: str | Path, skip_bad: bool = False, device: str = "auto", engine: str = "auto", tta: str = "none"
+) -> dict:
     """Accuracy, per-class precision/recall/F1 and confusion matrix on ``data``: class folders, DIR/val/, or an index
-    (its split=val rows where it has a split column, else every row)."""
+    (its split=val rows where it has a split column, else every row). ``tta``: "none" or "flip" (``with_tta``)."""
     forward, meta = classifier_forward(run_or_file, device, engine)
+    forward = with_tta(forward, tta)
     samples = _labelled(Path(data))
     unknown = sorted(set(samples.classes) - set(meta.classes))
     if unknown:
@@ -71,7 +87,7 @@ def evaluate(run_or_file: str | Path, data: str | Path, skip_bad: bool = False, 
     cores = len(os.sched_getaffinity(0))
     images, _ = open_images(samples, meta.preprocessing.resize_size, eval_transform(meta), "none", skip_bad, threads=cores, progress=False)
     logits, labels_t = _logits(forward, DataLoader(images, batch_size=32, num_workers=_workers(len(images), 32)))
-    return classification_metrics(logits, labels_t, meta.classes)
+    return {**classification_metrics(logits, labels_t, meta.classes), "tta": tta}
 
 
 class _Files(Dataset):
@@ -89,11 +105,18 @@ class _Files(Dataset):
 
 @torch.no_grad()
 def predict(
-    run_or_file: str | Path, inputs: list[str | Path], topk: int = 3, batch_size: int = 32, device: str = "auto", engine: str = "auto"
+    run_or_file: str | Path,
+    inputs: list[str | Path],
+    topk: int = 3,
+    batch_size: int = 32,
+    device: str = "auto",
+    engine: str = "auto",
+    tta: str = "none",
 ) -> list[dict]:
     """Top-k labels with probabilities for each image: [{"path", "predictions": [{"label", "probability"}]}].
     ``run_or_file``: a run directory, its model file, or an exported .onnx file (run by ONNX Runtime)."""
     forward, meta = classifier_forward(run_or_file, device, engine)
+    forward = with_tta(forward, tta)
     paths = expand_inputs(inputs)
     k = min(topk, len(meta.classes))
     loader = DataLoader(_Files(paths, meta), batch_size=batch_size, num_workers=_workers(len(paths), batch_size))
@@ -102,5 +125,5 @@ def predict(
         top = forward(x).float().softmax(1).cpu().topk(k, dim=1)
         for i, vals, idxs in zip(indices.tolist(), top.values, top.indices):
             predictions = [{"label": meta.classes[j], "probability": round(float(v), 6)} for v, j in zip(vals, idxs)]
-            results.append({"path": str(paths[i]), "predictions": predictions})
+            results.append({"path": str(paths[i]), "predictions": predictions, **({"tta": tta} if tta != "none" else {})})
     return results
