@@ -16,6 +16,7 @@ HEADS = ("linear", "mlp", "logreg", "svm", "knn")
 # what --patience may watch (numeric fields of log.jsonl), besides auto: the score that picks the kept model
 CLASSIFY_MONITORS = ("auto", "val_accuracy", "val_balanced_accuracy", "val_loss", "train_loss", "train_accuracy")
 DETECT_MONITORS = ("auto", "bbox_AP", "bbox_AP50", "bbox_AP75", "segm_AP", "segm_AP50", "segm_AP75", "train_loss")
+TTA = ("none", "flip")  # test-time augmentation of classify eval/predict (inference/classify.py)
 ENGINES = ("auto", "torch", "onnxruntime", "openvino", "openvino-bf16")  # what runs a frozen forward pass (engine/frozen.py)
 
 

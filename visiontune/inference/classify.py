@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..config import TTA
 from ..data.classification import Samples, load_downsized, open_images, scan_folder
 from ..data.images import expand_inputs
 from ..data.index import is_index, read_index
@@ -36,9 +37,6 @@ def classifier_forward(run_or_file: str | Path, device: str = "auto", engine: st
     if next(model.parameters()).device.type != "cpu":
         return TorchForward(model), meta
     return frozen_forward(f"{meta.model}-classifier", model, meta.preprocessing.input_size, engine, cache_dir=default_cache_dir()), meta
-
-
-TTA = ("none", "flip")
 
 
 def with_tta(forward, tta: str):
