@@ -48,13 +48,26 @@ def export(run: str | Path, fmt: str, output: str | Path) -> Path:
     _, meta = read_model_file(run)
     if isinstance(meta, DetectorMeta):
         return _export_detector(run, fmt, out)
-    model, meta = load_classifier(run)
+    if fmt == "onnx":
+        meta = write_classifier_onnx(run, out)
+    else:
+        model, meta = load_classifier(run)
+        atomic_write(out, lambda tmp: _write_torchscript(model, _example(meta), meta, tmp))
     size = meta.preprocessing.input_size
-    example = torch.zeros(1, 3, size, size).contiguous(memory_format=torch.channels_last)
-    writer = _write_onnx if fmt == "onnx" else _write_torchscript
-    atomic_write(out, lambda tmp: writer(model, example, meta, tmp))
     print(f"wrote {out} ({fmt}, {_classes_shown(meta)}; input {size}x{size})")
     return out
+
+
+def write_classifier_onnx(run: str | Path, out: Path) -> ClassifierMeta:
+    """``run``'s classifier as an ONNX file with its classes and preprocessing; returns its metadata."""
+    model, meta = load_classifier(run)
+    atomic_write(out, lambda tmp: _write_onnx(model, _example(meta), meta, tmp))
+    return meta
+
+
+def _example(meta: ClassifierMeta) -> torch.Tensor:
+    size = meta.preprocessing.input_size
+    return torch.zeros(1, 3, size, size).contiguous(memory_format=torch.channels_last)
 
 
 def _classes_shown(meta) -> str:

@@ -1,0 +1,39 @@
+"""visiontune export --int8: a calibrated INT8 ONNX file that predicts as the fp32 model does, measured before it is kept."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import make_class_folders
+
+from visiontune.cli import main
+
+
+def test_int8_export_agrees_with_fp32_and_predicts_like_an_fp32_file(tmp_path, capsys):
+    data = make_class_folders(tmp_path / "data", per_class=8)
+    run = tmp_path / "run"
+    tiny = ["--model", "timm:test_efficientnet", "--weights", "none", "--image-size", "64", "--epochs", "4", "--quiet"]
+    assert main(["classify", "train", "--data", str(data), "--out", str(run), *tiny]) == 0
+    out = tmp_path / "model.int8.onnx"
+    assert main(["export", str(run), "--output", str(out), "--int8", "--calibration-images", "16", "--force"]) == 0
+    report = json.loads((tmp_path / "model.int8.onnx.json").read_text())
+    assert report["top1_agreement"] >= 0.9 and report["int8_bytes"] < report["fp32_bytes"] and report["calibration_images"] == 16
+    top1 = {}
+    for model in (run, out):  # the run's fp32 model, then the INT8 file, on the training images
+        capsys.readouterr()
+        assert main(["classify", "predict", str(model), str(data / "train")]) == 0
+        top1[model] = [json.loads(line)["predictions"][0]["label"] for line in capsys.readouterr().out.splitlines()]
+    assert len(top1[run]) == 16 and sum(a == b for a, b in zip(top1[run], top1[out])) >= 15
+
+
+def test_int8_past_its_max_drop_writes_nothing(tmp_path, capsys):
+    data = make_class_folders(tmp_path / "data", per_class=4)
+    run = tmp_path / "run"
+    tiny = ["--model", "timm:test_efficientnet", "--weights", "none", "--image-size", "64", "--epochs", "2", "--quiet"]
+    assert main(["classify", "train", "--data", str(data), "--out", str(run), *tiny]) == 0
+    capsys.readouterr()
+    out = tmp_path / "model.int8.onnx"
+    assert main(["export", str(run), "--output", str(out), "--int8", "--calibration-images", "8", "--max-drop", "-1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("visiontune: error: INT8 loses") and "nothing written" in err[-1], err
+    assert not out.exists() and not (tmp_path / "model.int8.onnx.json").exists()

@@ -1,0 +1,136 @@
+"""INT8 export of a classifier: ONNX Runtime static quantization (QDQ, per-channel int8 weights, uint8 activations,
+percentile calibration), calibrated on a seeded sample of the run's own training images under its eval preprocessing,
+and measured against
+the fp32 export before it is kept: top-1 agreement and accuracy on the run's validation images, file sizes, and
+single-image latency. A drop in accuracy beyond ``max_drop`` points stops the export (exit 2) unless ``force``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .checkpoint import atomic_write, atomic_write_text
+from .data.classification import find_splits, load_downsized
+from .errors import UserError
+from .export import write_classifier_onnx
+from .inference.classify import eval_transform
+from .inference.load import OnnxClassifier, read_model_file
+from .meta import ClassifierMeta
+from .runs import saved_settings
+
+# 200 of the run's training images, in batches of 8 (the histogram calibrators need equal batches). Measured on
+# hymenoptera linear (fp32 0.9673): MinMax 0.9477, Entropy 0.9477, Percentile 0.9542 (top-1 agreement 0.987).
+CALIBRATION_IMAGES, CALIBRATION_BATCH = 200, 8
+# Quantizing only the convolutions (head in fp32) measured worse on the full run (0.9346 against 0.9542): all ops.
+
+
+def export_int8(
+    run: str | Path, output: str | Path, calibration_images: int = CALIBRATION_IMAGES, max_drop: float = 1.0, force=False
+) -> dict:
+    """Write ``run``'s classifier as an INT8 ONNX file at ``output`` and its measurements beside it (``.json``)."""
+    out = Path(output)
+    _, meta = read_model_file(run)
+    if not isinstance(meta, ClassifierMeta):
+        raise UserError(f"{run}: --int8 exports classifiers (this run is a {meta.task} model)")
+    settings = saved_settings(run)
+    train, val = find_splits(settings["data"], settings.get("val_data"), settings.get("val_split"), settings.get("seed", 0))
+    count = max(CALIBRATION_BATCH, min(calibration_images, len(train)) // CALIBRATION_BATCH * CALIBRATION_BATCH)
+    sample = random.Random(0).sample(train.items, min(count, len(train)))
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = Path(tmp) / "fp32.onnx"
+        write_classifier_onnx(run, fp32)
+        int8 = Path(tmp) / "int8.onnx"
+        _quantize(fp32, int8, [p for p, _ in sample], meta)
+        report = _measure(fp32, int8, val.items, meta)
+        report.update(calibration_images=len(sample), run=str(run))
+        drop = 100 * (report["fp32_accuracy"] - report["int8_accuracy"])
+        print(json.dumps(report))
+        if drop > max_drop and not force:
+            raise UserError(f"INT8 loses {drop:.1f} accuracy points (over --max-drop {max_drop}); nothing written (--force keeps it)")
+        atomic_write(out, lambda t: shutil.copyfile(int8, t))
+    atomic_write_text(out.with_name(out.name + ".json"), json.dumps(report, indent=1) + "\n")
+    print(f"wrote {out} (INT8, {report['int8_bytes'] / 1e6:.1f} MB, {report['size_ratio']:.2f}x fp32's) and {out.name}.json")
+    return report
+
+
+def _batches(paths: list[Path], meta: ClassifierMeta, batch_size: int = 32):
+    tf = eval_transform(meta)
+    for i in range(0, len(paths), batch_size):
+        yield torch.stack([tf(load_downsized(p, meta.preprocessing.resize_size)) for p in paths[i : i + batch_size]]).numpy()
+
+
+def _quantize(fp32: Path, int8: Path, calibration: list[Path], meta: ClassifierMeta) -> None:
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = ({"images": b} for b in _batches(calibration, meta, CALIBRATION_BATCH))
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    prepared = fp32.with_name("prepared.onnx")
+    quant_pre_process(str(fp32), str(prepared))
+    root = logging.getLogger()
+    level, root.level = root.level, logging.WARNING  # the quantizer reports every rescaled bias at INFO
+    try:
+        quantize_static(
+            str(prepared),
+            str(int8),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.Percentile,
+        )
+    finally:
+        root.level = level
+    import onnx
+
+    source, target = onnx.load(str(fp32)), onnx.load(str(int8))
+    del target.metadata_props[:]
+    target.metadata_props.extend(source.metadata_props)  # classes and preprocessing, so predict reads the file alone
+    onnx.save(target, str(int8))
+
+
+def _measure(fp32: Path, int8: Path, val: list[tuple[Path, int]], meta: ClassifierMeta) -> dict:
+    models = {"fp32": OnnxClassifier(fp32), "int8": OnnxClassifier(int8)}
+    labels = torch.tensor([y for _, y in val])
+    preds = {name: [] for name in models}
+    for batch in _batches([p for p, _ in val], meta):
+        for name, model in models.items():
+            preds[name].append(model(torch.from_numpy(batch)).argmax(1))
+    top1 = {name: torch.cat(p) for name, p in preds.items()}
+    one = torch.from_numpy(next(_batches([val[0][0]], meta)))
+    report = {
+        "val_images": len(val),
+        "top1_agreement": round((top1["fp32"] == top1["int8"]).float().mean().item(), 4),
+        **{f"{name}_accuracy": round((t == labels).float().mean().item(), 4) for name, t in top1.items()},
+        **{f"{name}_bytes": path.stat().st_size for name, path in (("fp32", fp32), ("int8", int8))},
+        **{f"{name}_p50_ms": _p50_ms(model, one) for name, model in models.items()},
+    }
+    report["size_ratio"] = round(report["int8_bytes"] / report["fp32_bytes"], 3)
+    report["latency_ratio"] = round(report["int8_p50_ms"] / report["fp32_p50_ms"], 3)
+    return report
+
+
+def _p50_ms(model, x: torch.Tensor, calls: int = 30) -> float:
+    for _ in range(5):
+        model(x)
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        model(x)
+        times.append(1000 * (time.perf_counter() - start))
+    return round(statistics.median(times), 2)
