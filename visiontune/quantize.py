@@ -38,10 +38,15 @@ def export_int8(
 ) -> dict:
     """Write ``run``'s classifier as an INT8 ONNX file at ``output`` and its measurements beside it (``.json``)."""
     out = Path(output)
+    if not out.parent.is_dir():
+        raise UserError(f"--output: {out.parent} is not a directory")
     _, meta = read_model_file(run)
     if not isinstance(meta, ClassifierMeta):
         raise UserError(f"{run}: --int8 exports classifiers (this run is a {meta.task} model)")
-    settings = saved_settings(run)
+    run_dir = Path(run) if Path(run).is_dir() else Path(run).parent
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"{run}: --int8 needs the run directory (its config.yaml names the images to calibrate on)")
+    settings = saved_settings(run_dir)
     train, val = find_splits(settings["data"], settings.get("val_data"), settings.get("val_split"), settings.get("seed", 0))
     count = max(CALIBRATION_BATCH, min(calibration_images, len(train)) // CALIBRATION_BATCH * CALIBRATION_BATCH)
     sample = random.Random(0).sample(train.items, min(count, len(train)))
