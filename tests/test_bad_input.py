@@ -597,6 +597,16 @@ def predict_unknown_device(t, out):
 
 
 @case()
+def int8_as_torchscript(t, out):
+    return ["export", str(t / "run"), "--output", str(t / "m.pt"), "--int8", "--format", "torchscript"], "--int8: INT8 exports are ONNX"
+
+
+@case()
+def int8_into_a_missing_folder(t, out):
+    return ["export", str(out), "--output", str(t / "nowhere" / "m.onnx"), "--int8"], "--output: "
+
+
+@case()
 def predict_onnx_on_a_gpu(t, out):
     (t / "model.onnx").write_bytes(b"exported elsewhere")
     make_image(t / "img.png", (200, 0, 0))
