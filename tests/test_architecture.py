@@ -21,7 +21,7 @@ LAYERS = [
     {"advisor"},
     {"tasks", "inference"},
     {"export", "compare"},
-    {"quantize"},
+    {"quantize", "benchmark"},
     {"cli"},
     {"__main__", ""},  # "": the package's __init__, the public API
 ]

@@ -1,4 +1,5 @@
-"""visiontune export --int8: a calibrated INT8 ONNX file that predicts as the fp32 model does, measured before it is kept."""
+"""visiontune export --int8: a calibrated INT8 ONNX file that predicts as the fp32 model does, measured before it is kept;
+visiontune benchmark times it and the run's engines."""
 
 from __future__ import annotations
 
@@ -24,6 +25,12 @@ def test_int8_export_agrees_with_fp32_and_predicts_like_an_fp32_file(tmp_path, c
         assert main(["classify", "predict", str(model), str(data / "train")]) == 0
         top1[model] = [json.loads(line)["predictions"][0]["label"] for line in capsys.readouterr().out.splitlines()]
     assert len(top1[run]) == 16 and sum(a == b for a, b in zip(top1[run], top1[out])) >= 15
+    for model, engines in ((run, {"torch fp32", "onnxruntime fp32", "openvino fp32"}), (out, {"onnxruntime (file)"})):
+        capsys.readouterr()
+        assert main(["benchmark", str(model), "--calls", "10"]) == 0
+        timed = json.loads(capsys.readouterr().out)["engines"]
+        assert set(timed) == engines
+        assert all(0 < t["p50_ms"] <= t["p90_ms"] and t["batch32_images_per_second"] > 0 for t in timed.values())
 
 
 def test_int8_past_its_max_drop_writes_nothing(tmp_path, capsys):

@@ -178,6 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--max-drop", type=float, default=1.0, help="--int8: accuracy points it may lose on val, else exit 2 (default: 1)")
     ex.add_argument("--force", action="store_true", help="--int8: keep the file even past --max-drop")
     ex.set_defaults(func=_export)
+
+    bench = tasks.add_parser("benchmark", help="a classifier's latency and throughput on this CPU, per engine (JSON)")
+    bench.add_argument("run", help="run directory, model.safetensors, or an exported .onnx file (fp32 or INT8)")
+    bench.add_argument("--calls", type=int, default=100, help="single-image calls timed per engine (default: 100)")
+    bench.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per core)")
+    bench.set_defaults(func=_benchmark)
     return parser
 
 
@@ -260,6 +266,16 @@ def _detect_predict(args):
     from .inference.detect import predict_run
 
     predict_run(args.run, args.inputs, score_threshold=args.score_threshold, output=args.output, device=args.device)
+
+
+def _benchmark(args):
+    if args.calls < 2:
+        raise UserError("--calls: must be at least 2")
+    if args.threads is not None and args.threads < 1:
+        raise UserError("--threads: must be at least 1")
+    from .benchmark import benchmark
+
+    benchmark(args.run, args.calls, args.threads)
 
 
 def _export(args):
