@@ -21,7 +21,8 @@ LAYERS = [
     {"advisor"},
     {"tasks", "inference"},
     {"export", "compare"},
-    {"quantize", "benchmark"},
+    {"benchmark"},
+    {"quantize"},
     {"cli"},
     {"__main__", ""},  # "": the package's __init__, the public API
 ]

@@ -42,13 +42,7 @@ def benchmark(run_or_file: str | Path, calls: int = 100, threads: int | None = N
 def _measure(forward, size: int, calls: int) -> dict:
     one = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
     batch = torch.randn(32, 3, size, size, generator=torch.Generator().manual_seed(1))
-    for _ in range(5):
-        forward(one)
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        forward(one)
-        times.append(1000 * (time.perf_counter() - start))
+    times = call_times_ms(forward, one, calls)
     forward(batch)
     start = time.perf_counter()
     for _ in range(3):
@@ -56,3 +50,15 @@ def _measure(forward, size: int, calls: int) -> dict:
     per_second = 3 * len(batch) / (time.perf_counter() - start)
     p50, p90 = statistics.median(times), statistics.quantiles(times, n=10)[-1]
     return {"p50_ms": round(p50, 2), "p90_ms": round(p90, 2), "batch32_images_per_second": round(per_second, 1)}
+
+
+def call_times_ms(forward, x: torch.Tensor, calls: int) -> list[float]:
+    """Milliseconds of each of ``calls`` calls of ``forward(x)``, after 5 warm-up calls."""
+    for _ in range(5):
+        forward(x)
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        forward(x)
+        times.append(1000 * (time.perf_counter() - start))
+    return times

@@ -13,11 +13,11 @@ import random
 import shutil
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
+from .benchmark import call_times_ms
 from .checkpoint import atomic_write, atomic_write_text
 from .data.classification import find_splits, load_downsized
 from .errors import UserError
@@ -123,19 +123,8 @@ def _measure(fp32: Path, int8: Path, val: list[tuple[Path, int]], meta: Classifi
         "top1_agreement": round((top1["fp32"] == top1["int8"]).float().mean().item(), 4),
         **{f"{name}_accuracy": round((t == labels).float().mean().item(), 4) for name, t in top1.items()},
         **{f"{name}_bytes": path.stat().st_size for name, path in (("fp32", fp32), ("int8", int8))},
-        **{f"{name}_p50_ms": _p50_ms(model, one) for name, model in models.items()},
+        **{f"{name}_p50_ms": round(statistics.median(call_times_ms(model, one, 30)), 2) for name, model in models.items()},
     }
     report["size_ratio"] = round(report["int8_bytes"] / report["fp32_bytes"], 3)
     report["latency_ratio"] = round(report["int8_p50_ms"] / report["fp32_p50_ms"], 3)
     return report
-
-
-def _p50_ms(model, x: torch.Tensor, calls: int = 30) -> float:
-    for _ in range(5):
-        model(x)
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        model(x)
-        times.append(1000 * (time.perf_counter() - start))
-    return round(statistics.median(times), 2)
