@@ -1,5 +1,5 @@
-"""Class imbalance on hymenoptera: the bees' training images cut to 10% (val as is), trained with and without
-``--class-weights auto``; prints one JSON object with per-class recall and balanced accuracy.
+"""Class imbalance on hymenoptera: the bees' training images cut to 10% (val as is), trained as the images come,
+with ``--class-weights auto`` and with ``--sampler balanced``; prints one JSON object with per-class recall and balanced accuracy.
 
     python bench/imbalance.py [--data ../shared/datasets/hymenoptera_data] [--strategies linear,full] [--seeds 1]
 """
@@ -43,7 +43,7 @@ def main() -> None:
         data = cut_bees(Path(args.data), Path(tmp) / "data")
         counts = {c.name: len(list(c.iterdir())) for c in sorted((data / "train").iterdir())}
         for strategy in args.strategies.split(","):
-            for weights in ("none", "auto"):
+            for weights, sampler in (("none", "shuffle"), ("auto", "shuffle"), ("none", "balanced")):
                 for seed in range(args.seeds):
                     start = time.perf_counter()
                     m = fit(
@@ -52,6 +52,7 @@ def main() -> None:
                             out=f"{tmp}/run",
                             strategy=strategy,
                             class_weights=weights,
+                            sampler=sampler,
                             seed=seed,
                             quiet=True,
                             overwrite=True,
@@ -62,6 +63,7 @@ def main() -> None:
                         {
                             "strategy": strategy,
                             "class_weights": weights,
+                            "sampler": sampler,
                             "seed": seed,
                             "val_accuracy": round(m["best_val_accuracy"], 4),
                             "val_balanced_accuracy": round(m["val_balanced_accuracy"], 4),

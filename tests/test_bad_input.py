@@ -247,6 +247,11 @@ def class_weights_unknown_class(t, out):
 
 
 @case()
+def sampler_unknown(t, out):
+    return train(folders(t), out, "--sampler", "weighted"), "--sampler: unknown sampler 'weighted'; choose shuffle or balanced"
+
+
+@case()
 def monitor_not_in_the_log(t, out):
     return train(folders(t), out, "--patience", "1", "--monitor", "val_acc"), "--monitor: unknown monitor 'val_acc'"
 

@@ -76,6 +76,11 @@ class ClassifyConfig:
         "loss weight per class: none, auto (inverse class frequency) or a JSON file of {class: weight}; for "
         "imbalanced classes (the scikit-learn heads weigh their samples the same way)",
     )
+    sampler: str = setting(
+        "shuffle",
+        "shuffle: every training image once per epoch; balanced: each epoch draws as many images with replacement, "
+        "every class equally likely (imbalanced classes)",
+    )
     image_size: int | None = setting(None, "training crop size in pixels (default: the backbone's, e.g. 224)")
     views: int | None = setting(None, "augmented views per training image in the feature cache (default: the recipe's)")
     workers: int | None = setting(
@@ -123,6 +128,7 @@ class ClassifyConfig:
         _check_range("--batch-size", self.batch_size, 1, 4096)
         _check_range("--lr", self.lr, 1e-8, 10.0)
         _check_range("--weight-decay", self.weight_decay, 0.0, 1.0)
+        _check_choice("--sampler", self.sampler, ("shuffle", "balanced"))
         _check_range("--image-size", self.image_size, 32, 2048)
         if self.wise_alpha is not None and not 0.0 < self.wise_alpha <= 1.0:
             raise UserError(f"--wise-alpha: must be in (0, 1], got {self.wise_alpha}")

@@ -103,15 +103,41 @@ def per_process_batch(batch_size: int, flag: str = "--batch-size") -> int:
     return batch_size // n
 
 
-def epoch_sampler(dataset: Dataset, seed: int, epoch: int) -> DistributedSampler:
+def epoch_sampler(dataset: Dataset, seed: int, epoch: int, balance_labels: list[int] | None = None):
     """This process's share of ``randperm(len(dataset))`` drawn from ``seed + epoch``; ranks take every N-th index.
 
     With one process it is exactly ``RandomSampler`` with a generator seeded ``seed + epoch``. With N, batch k of
     every rank together is batch k of the one-process run (the list is padded by repetition to a multiple of N).
+    ``balance_labels`` (one class per image): draw as many images with replacement, every class equally likely.
     """
+    if balance_labels is not None:
+        return _BalancedShare(balance_labels, seed + epoch)
     sampler = DistributedSampler(dataset, num_replicas=world_size(), rank=rank(), shuffle=True, seed=seed, drop_last=False)
     sampler.set_epoch(epoch)
     return sampler
+
+
+def balanced_draw(labels: torch.Tensor, generator: torch.Generator, count: int | None = None) -> torch.Tensor:
+    """``count`` (default: all) indices drawn with replacement, each class equally likely, uniform within a class."""
+    per_class = torch.bincount(labels).double()
+    weights = 1.0 / per_class[labels]
+    return torch.multinomial(weights, count or len(labels), replacement=True, generator=generator)
+
+
+class _BalancedShare(torch.utils.data.Sampler):
+    """``balanced_draw`` seeded by (seed + epoch), padded to a multiple of the processes, every N-th for this rank."""
+
+    def __init__(self, labels: list[int], seed: int):
+        n = world_size()
+        self.num_samples = -(-len(labels) // n)
+        order = balanced_draw(torch.as_tensor(labels), torch.Generator().manual_seed(seed), self.num_samples * n)
+        self.indices = order[rank() :: n].tolist()
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return self.num_samples
 
 
 class SeededPerSample(Dataset):

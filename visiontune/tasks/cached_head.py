@@ -12,6 +12,7 @@ import math
 import torch
 from torch import nn
 
+from ..engine.distributed import balanced_draw
 from ..models.classifier import Classifier
 
 SKLEARN_HEADS = ("logreg", "svm", "knn")
@@ -30,12 +31,18 @@ def train_head_on_features(
     lr: float,
     on_epoch,
     class_weights: torch.Tensor | None = None,
+    balanced: bool = False,
 ) -> None:
     """The head alone, many passes over cached features; ``on_epoch(pass, train stats, val logits)`` after each.
-    ``class_weights``: the loss's weight per class (None: equal)."""
+    ``class_weights``: the loss's weight per class (None: equal). ``balanced``: each pass draws its features with
+    replacement, every class equally likely (``--sampler balanced``; scikit-learn heads are fitted on one such draw)."""
     device = next(itertools.chain(model.head.parameters(), model.head.buffers())).device
     (xf, yf), (xv, yv) = [(x.to(device), y.to(device)) for x, y in (train_feats, val_feats)]
+    g = torch.Generator().manual_seed(seed)
     if head in SKLEARN_HEADS:
+        if balanced:
+            keep = balanced_draw(yf.cpu(), g)
+            xf, yf = xf[keep], yf[keep]
         fit_sklearn_head(head, model.head, xf.cpu(), yf.cpu(), seed, class_weights)
         with torch.no_grad():
             on_epoch(0, {"train_loss": None, "train_accuracy": None}, model.forward_head(xv))
@@ -45,10 +52,9 @@ def train_head_on_features(
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=passes * steps)
     weight = class_weights.to(device) if class_weights is not None else None
     loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
-    g = torch.Generator().manual_seed(seed)
     for p in range(passes):
         model.head.train()
-        order = torch.randperm(len(xf), generator=g)
+        order = balanced_draw(yf.cpu(), g) if balanced else torch.randperm(len(xf), generator=g)
         loss_sum = correct = 0.0
         for i in range(0, len(xf), batch_size):
             idx = order[i : i + batch_size]

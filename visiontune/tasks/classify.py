@@ -85,13 +85,13 @@ def make_scheduler(optimizer, recipe: Recipe, phases, steps_per_epoch: int, epoc
     return torch.optim.lr_scheduler.LambdaLR(optimizer, [backbone_factor, schedule], last_epoch=start_step - 1)
 
 
-def epoch_loader(dataset, batch_size: int, seed: int, epoch: int, workers: int) -> DataLoader:
-    """Shuffled in an order that depends only on (seed, epoch), so a resumed run sees the same batches.
+def epoch_loader(dataset, batch_size: int, seed: int, epoch: int, workers: int, balanced: bool = False) -> DataLoader:
+    """Shuffled (or drawn class-``balanced``) in an order that depends only on (seed, epoch): resume sees the same batches.
 
     Under torchrun each process takes its share of that order and of the global ``batch_size``; each image's
     augmentation is seeded by (seed, epoch, index), so N processes see the batches of one (distributed.py).
     """
-    sampler = distributed.epoch_sampler(dataset, seed * 100_003, epoch)
+    sampler = distributed.epoch_sampler(dataset, seed * 100_003, epoch, dataset.labels if balanced else None)
     per_process = distributed.per_process_batch(batch_size)
     drop_last = sampler.num_samples % per_process == 1  # a batch of one breaks BatchNorm in train mode
     return DataLoader(
@@ -205,7 +205,7 @@ class ClassifyTask:
             optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=recipe.momentum, weight_decay=cfg.weight_decay)
         else:
             optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        steps = len(epoch_loader(self.train_ds, cfg.batch_size, cfg.seed, 0, 0))
+        steps = len(self.epoch_loader(0))
         return optimizer, make_scheduler(optimizer, recipe, self.phases, steps, cfg.epochs, start_epoch * steps), steps
 
     def data_check(self) -> dict:
@@ -221,7 +221,8 @@ class ClassifyTask:
         train = distributed.computed_on_main(lambda: self._features(self.train_ds, cfg.views, cfg.seed, "train"))
         val = distributed.computed_on_main(lambda: self._features(self.val_ds, 1, 0, "val"))
         settings = (cfg.head, cfg.batch_size, cfg.weight_decay, self.recipe.label_smoothing, cfg.seed)
-        head = partial(train_head_on_features, self.model, *settings, train, val, class_weights=self.class_weights)
+        draw = dict(class_weights=self.class_weights, balanced=cfg.sampler == "balanced")
+        head = partial(train_head_on_features, self.model, *settings, train, val, **draw)
         if STRATEGIES[cfg.strategy].frozen_base:  # the whole run is the head on cached features
             self.val_features = val[0]  # finish scores the kept head on them: no second pass over the images
             head(cfg.epochs, cfg.lr, lambda p, stats, logits: self._record(record, p, "linear (cached features)", stats, logits))
@@ -249,7 +250,7 @@ class ClassifyTask:
         return cached_extract(self.meta.model, base, self.frozen, dataset, how, views, seed, cfg.cache_dir, **run)
 
     def epoch_loader(self, epoch: int) -> DataLoader:
-        return epoch_loader(self.train_ds, self.cfg.batch_size, self.cfg.seed, epoch, self.workers)
+        return epoch_loader(self.train_ds, self.cfg.batch_size, self.cfg.seed, epoch, self.workers, self.cfg.sampler == "balanced")
 
     def before_epoch(self, epoch: int) -> None:
         self.phase = strategies.phase_at(self.phases, epoch)
