@@ -88,6 +88,7 @@ def test_a_balanced_sampler_lifts_the_minority_class_recall(head):
     from torch import nn
 
     from visiontune.tasks.cached_head import train_head_on_features
+    from visiontune.tasks.objective import SingleLabel
 
     g = torch.Generator().manual_seed(0)
 
@@ -103,7 +104,8 @@ def test_a_balanced_sampler_lifts_the_minority_class_recall(head):
         linear = nn.Sequential(nn.Linear(2, 2))
         model = SimpleNamespace(head=linear, forward_head=linear)
         seen = {}
-        train_head_on_features(model, head, 16, 0.0, 0.0, 0, train, val, 30, 0.05, lambda p, s, logits: seen.update(l=logits), balanced=balanced)
+        objective = SingleLabel(["a", "b"], None, 0.0)
+        train_head_on_features(model, head, 16, 0.0, objective, 0, train, val, 30, 0.05, lambda p, s, lg: seen.update(l=lg), balanced=balanced)
         return (seen["l"].argmax(1)[200:] == 1).float().mean().item()
 
     plain, balanced = minority_recall(False), minority_recall(True)

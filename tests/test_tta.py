@@ -1,4 +1,4 @@
-"""--tta flip: the class probabilities of an image and its mirror, averaged; recorded in eval's and predict's output."""
+"""--tta flip / flip+crops: the class probabilities of an image and its mirror, averaged; recorded in eval's and predict's output."""
 
 from __future__ import annotations
 
@@ -28,6 +28,24 @@ def test_flip_averages_the_probabilities_of_the_image_and_its_mirror():
     assert with_tta(left_vs_right, "none") is left_vs_right
     with pytest.raises(UserError, match="--tta: unknown 'crops'"):
         with_tta(left_vs_right, "crops")
+
+
+def test_flip_and_crops_average_six_views_the_corner_crops_enlarged_to_the_input_size():
+    x = torch.arange(8.0).expand(1, 3, 8, 8).clone()  # each pixel's value is its column
+    seen = []
+
+    def recording(v):
+        seen.append(v)
+        return left_vs_right(v)
+
+    probs = with_tta(recording, "flip+crops")(x).exp()
+    assert len(seen) == 6 and all(v.shape == x.shape for v in seen)
+    assert torch.equal(seen[0], x) and torch.equal(seen[1], x.flip(-1))
+    top_left, top_right, bottom_left = seen[2], seen[3], seen[4]
+    assert (top_right - top_left).mean().item() == pytest.approx(1.0)  # 7/8 crops, one column apart
+    assert torch.equal(top_left, bottom_left)  # every row is the same
+    assert top_left.min() >= 0 and top_left.max() <= 6  # column 7 is cut off
+    assert torch.allclose(probs.sum(1), torch.ones(1))
 
 
 def test_eval_and_predict_record_the_tta(tmp_path, capsys):

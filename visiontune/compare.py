@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .config import ClassifyConfig
 from .data.classification import find_splits
+from .errors import UserError
 from .runs import check_out_dir, create_out_dir, write_json
 from .strategies import STRATEGIES
 
@@ -73,6 +74,8 @@ def compare(cfg: ClassifyConfig, strategies: tuple[str, ...] = tuple(STRATEGIES)
     from .tasks.classify import fit
 
     cfg = replace(cfg, strategy="linear").validate()
+    if cfg.labels:
+        raise UserError("--labels: compare ranks single-label runs by accuracy; train each multi-label strategy with classify train")
     out = check_out_dir(cfg.out, cfg.overwrite)
     find_splits(cfg.data, cfg.val_data, cfg.val_split, cfg.seed)  # a bad --data fails before anything is written
     create_out_dir(out, cfg.overwrite)

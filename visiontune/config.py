@@ -14,9 +14,9 @@ from .strategies import AUTO, RECIPES, STRATEGIES
 
 HEADS = ("linear", "mlp", "logreg", "svm", "knn")
 # what --patience may watch (numeric fields of log.jsonl), besides auto: the score that picks the kept model
-CLASSIFY_MONITORS = ("auto", "val_accuracy", "val_balanced_accuracy", "val_loss", "train_loss", "train_accuracy")
+CLASSIFY_MONITORS = ("auto", "val_accuracy", "val_balanced_accuracy", "val_mAP", "val_f1_macro", "val_loss", "train_loss", "train_accuracy")
 DETECT_MONITORS = ("auto", "bbox_AP", "bbox_AP50", "bbox_AP75", "segm_AP", "segm_AP50", "segm_AP75", "train_loss")
-TTA = ("none", "flip")  # test-time augmentation of classify eval/predict (inference/classify.py)
+TTA = ("none", "flip", "flip+crops")  # test-time augmentation of classify eval/predict (inference/classify.py)
 ENGINES = ("auto", "torch", "onnxruntime", "openvino", "openvino-bf16")  # what runs a frozen forward pass (engine/frozen.py)
 
 
@@ -76,6 +76,16 @@ class ClassifyConfig:
         "loss weight per class: none, auto (inverse class frequency) or a JSON file of {class: weight}; for "
         "imbalanced classes (the scikit-learn heads weigh their samples the same way)",
     )
+    labels: str | None = setting(
+        None,
+        "multi-label: a CSV or JSONL file of path,labels rows (paths relative to --data, labels separated by spaces, "
+        "an optional split column; fastai's image_name,tags also reads)",
+    )
+    threshold: str = setting(
+        "auto",
+        "multi-label: the probability at which a label is predicted: auto (per class, where F1 on the validation "
+        "images is best; kept in the model file) or a number between 0 and 1",
+    )
     sampler: str = setting(
         "shuffle",
         "shuffle: every training image once per epoch; balanced: each epoch draws as many images with replacement, "
@@ -129,6 +139,8 @@ class ClassifyConfig:
         _check_range("--lr", self.lr, 1e-8, 10.0)
         _check_range("--weight-decay", self.weight_decay, 0.0, 1.0)
         _check_choice("--sampler", self.sampler, ("shuffle", "balanced"))
+        if self.threshold != "auto" and not _is_probability(self.threshold):
+            raise UserError(f"--threshold: auto or a number between 0 and 1, got {self.threshold!r}")
         _check_range("--image-size", self.image_size, 32, 2048)
         if self.wise_alpha is not None and not 0.0 < self.wise_alpha <= 1.0:
             raise UserError(f"--wise-alpha: must be in (0, 1], got {self.wise_alpha}")
@@ -221,6 +233,13 @@ class DetectConfig:
         if self.val_split is not None and not 0.0 < self.val_split < 1.0:
             raise UserError(f"--val-split: must be between 0 and 1 (exclusive), got {self.val_split}")
         return self
+
+
+def _is_probability(text: str) -> bool:
+    try:
+        return 0.0 < float(text) < 1.0
+    except ValueError:
+        return False
 
 
 def _check_choice(flag: str, value: str, choices: tuple[str, ...]) -> None:

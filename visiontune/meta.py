@@ -51,6 +51,8 @@ class ClassifierMeta(ModelMeta):
     recipe: str | None = None
     preprocessing: EvalPreprocessing | None = None
     advice: dict[str, Any] | None = None  # --strategy auto: the measurements and the reason
+    multi_label: bool = False  # a sigmoid per class: every label at or above its threshold is predicted
+    thresholds: list[float] | None = None  # multi-label: per class
 
 
 @dataclass

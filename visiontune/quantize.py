@@ -43,6 +43,8 @@ def export_int8(
     _, meta = read_model_file(run)
     if not isinstance(meta, ClassifierMeta):
         raise UserError(f"{run}: --int8 exports classifiers (this run is a {meta.task} model)")
+    if meta.multi_label:
+        raise UserError(f"{run}: --int8 exports single-label classifiers for now (this one is multi-label); export it in fp32")
     run_dir = Path(run) if Path(run).is_dir() else Path(run).parent
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"{run}: --int8 needs the run directory (its config.yaml names the images to calibrate on)")

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import atomic_write_text
+from .metrics.classification import decisions
 
 GALLERY_SIZE = 48  # validation images shown (mistakes first); the JSON keeps every prediction
 THUMBNAIL_PX = 160
@@ -51,23 +52,22 @@ def _thumbnail_jpeg(image: torch.Tensor) -> str:
 
 
 def write_val_predictions(
-    path: Path, image_at, logits: torch.Tensor, labels: torch.Tensor, classes: list[str], paths: list[str] | None = None
+    path: Path,
+    image_at,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    classes: list[str],
+    paths: list[str] | None = None,
+    thresholds: list[float] | None = None,
 ) -> None:
     """Every validation prediction, in gallery order, with thumbnails for the first ``GALLERY_SIZE``
-    (``image_at(i)``: validation image ``i`` as uint8 CHW; only those are read)."""
-    probs = logits.float().softmax(1)
-    conf, pred = probs.max(1)
-    order = gallery_order(labels.tolist(), pred.tolist(), conf.tolist())
+    (``image_at(i)``: validation image ``i`` as uint8 CHW; only those are read). ``thresholds``: multi-label."""
+    answers = decisions(logits, labels, classes, thresholds)
+    order = gallery_order([a["true"] for a in answers], [a["predicted"] for a in answers], [a["confidence"] for a in answers])
     items = []
     for rank, i in enumerate(order):
-        item = {
-            "index": i,
-            "true": classes[int(labels[i])],
-            "predicted": classes[int(pred[i])],
-            "confidence": round(float(conf[i]), 6),
-            "correct": bool(pred[i] == labels[i]),
-            "probabilities": [round(float(p), 6) for p in probs[i]],
-        }
+        a = answers[i]
+        item = {"index": i, **a, "confidence": round(a["confidence"], 6), "probabilities": [round(p, 6) for p in a["probabilities"]]}
         if paths is not None:
             item["path"] = str(paths[i])
         if rank < GALLERY_SIZE:
@@ -186,9 +186,14 @@ def _summary(metrics: dict, task: str) -> str:
         "recipe",
         "epochs",
         "best_val_accuracy",
+        "best_val_mAP",
         "best_epoch",
         "final_val_accuracy",
+        "final_val_mAP",
         "val_balanced_accuracy",
+        "f1_micro",
+        "f1_macro",
+        "exact_match",
         "train_seconds",
         "trainable_params",
         "total_params",
@@ -215,8 +220,14 @@ def _advice(metrics: dict) -> str:
 
 
 def _per_class(metrics: dict) -> str:
-    rows = [[name, v["precision"], v["recall"], v["f1"], v["support"]] for name, v in metrics.get("per_class", {}).items()]
-    return _table(["class", "precision", "recall", "F1", "images"], rows)
+    """Precision, recall, F1 and images per class; multi-label adds AP and the threshold."""
+    per_class = metrics.get("per_class", {})
+    extra = [k for k in ("AP", "threshold") if any(k in v for v in per_class.values())]
+    rows = [
+        [name, *["-" if v.get(k) is None else v[k] for k in extra], v["precision"], v["recall"], v["f1"], v["support"]]
+        for name, v in per_class.items()
+    ]
+    return _table(["class", *extra, "precision", "recall", "F1", "images"], rows)
 
 
 def _classification_gallery(preds: dict | None) -> str:

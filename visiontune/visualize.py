@@ -10,6 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from .metrics.classification import decisions  # noqa: E402
+
 
 def denormalize(x: torch.Tensor, mean, std) -> torch.Tensor:
     """A normalized CHW tensor back to an HWC image in [0, 1]."""
@@ -19,14 +21,20 @@ def denormalize(x: torch.Tensor, mean, std) -> torch.Tensor:
 
 
 def prediction_grid_png(
-    path: Path, dataset, logits: torch.Tensor, labels: torch.Tensor, classes: list[str], preprocessing: dict, max_images: int = 16
+    path: Path,
+    dataset,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    classes: list[str],
+    preprocessing: dict,
+    max_images: int = 16,
+    thresholds: list[float] | None = None,
 ) -> None:
-    """Validation images with predicted and true labels; mistakes first, in red (the tutorial's visualize_model)."""
-    probs = logits.softmax(1)
-    pred = probs.argmax(1)
-    wrong = (pred != labels).nonzero().flatten().tolist()
-    right = (pred == labels).nonzero().flatten().tolist()
-    order = (wrong + right)[:max_images]
+    """Validation images with predicted and true labels; mistakes first, in red (the tutorial's visualize_model).
+    ``thresholds``: multi-label (the labels at or above them)."""
+    answers = decisions(logits, labels, classes, thresholds)
+    wrong = [i for i, a in enumerate(answers) if not a["correct"]]
+    order = (wrong + [i for i, a in enumerate(answers) if a["correct"]])[:max_images]
     cols = 4
     rows = max(1, (len(order) + cols - 1) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(cols * 3, rows * 3.2), squeeze=False)
@@ -35,13 +43,13 @@ def prediction_grid_png(
     for ax, i in zip(axes.flat, order):
         x, _ = dataset[i]
         ax.imshow(denormalize(x, preprocessing["mean"], preprocessing["std"]).numpy())
-        ok = pred[i] == labels[i]
+        a = answers[i]
         ax.set_title(
-            f"pred: {classes[pred[i]]} ({probs[i, pred[i]]:.2f})\ntrue: {classes[labels[i]]}" + ("" if ok else "  ✗"),
-            color="green" if ok else "red",
+            f"pred: {a['predicted']} ({a['confidence']:.2f})\ntrue: {a['true']}" + ("" if a["correct"] else "  ✗"),
+            color="green" if a["correct"] else "red",
             fontsize=9,
         )
-    fig.suptitle(f"validation predictions: {len(wrong)} mistake(s) of {len(labels)}", fontsize=11)
+    fig.suptitle(f"validation predictions: {len(wrong)} mistake(s) of {len(answers)}", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)

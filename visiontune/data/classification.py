@@ -26,25 +26,31 @@ from ..errors import UserError
 from .image_store import ImageStore, StoreWriter, room_for, store_dir, store_key
 from .images import BadImage, is_image_file, load_rgb
 from .index import is_index, read_index, read_val_index
+from .multilabel import multi_hot, read_label_file, split_random
 
 log = logging.getLogger("visiontune")
 
 
 @dataclass
 class Samples:
-    """A list of (path, class index) with the class names they index."""
+    """A list of (path, class index) with the class names they index; multi-label: (path, tuple of class indices)."""
 
-    items: list[tuple[Path, int]]
+    items: list[tuple[Path, int | tuple[int, ...]]]
     classes: list[str]
     skipped: list[str] = field(default_factory=list)  # files that are not images, with reasons
 
     def __len__(self) -> int:
         return len(self.items)
 
+    @property
+    def multi_label(self) -> bool:
+        return bool(self.items) and isinstance(self.items[0][1], tuple)
+
     def counts(self) -> dict[str, int]:
         c = {name: 0 for name in self.classes}
         for _, y in self.items:
-            c[self.classes[y]] += 1
+            for k in y if isinstance(y, tuple) else (y,):
+                c[self.classes[k]] += 1
         return c
 
 
@@ -92,13 +98,15 @@ def split_stratified(samples: Samples, fraction: float, seed: int) -> tuple[Samp
 
 
 def find_splits(
-    data: str | Path, val_data: str | Path | None = None, val_split: float | None = None, seed: int = 0
+    data: str | Path, val_data: str | Path | None = None, val_split: float | None = None, seed: int = 0, labels: str | None = None
 ) -> tuple[Samples, Samples]:
     """The train and validation samples for a classification run, with the same classes in both."""
     if data is None or not str(data).strip():
         raise UserError(
             "--data: required: a folder with train/ and val/ class folders, or class folders and --val-split, or a CSV/JSONL index"
         )
+    if labels:
+        return label_file_splits(labels, data, val_data, val_split, seed)
     if is_index(data):
         return same_classes(*index_splits(data, val_data, val_split, seed))
     data = Path(data)
@@ -143,6 +151,20 @@ def index_splits(data: str | Path, val_data: str | Path | None, val_split: float
     return train, Samples(rows.val, rows.classes)
 
 
+def label_file_splits(labels: str, data: str | Path, val_data, val_split: float | None, seed: int) -> tuple[Samples, Samples]:
+    """--labels FILE (multi-label): validation from --val-split, else its split=val rows."""
+    if val_data is not None:
+        raise UserError("--val-data: not with --labels; give the label file a split column, or pass --val-split")
+    rows = read_label_file(labels, data)
+    if val_split is not None:
+        train, val = split_random(rows.train, val_split, seed)
+    elif rows.val:
+        train, val = rows.train, rows.val
+    else:
+        raise UserError(f"--labels: {labels} has no rows with split val; pass --val-split 0.2")
+    return Samples(train, rows.classes), Samples(val, rows.classes)
+
+
 def validation_samples(val_data: str | Path, classes: list[str]) -> Samples:
     """--val-data: class folders, or an index whose labels are among the training ``classes``."""
     if is_index(val_data):
@@ -157,12 +179,13 @@ def load_downsized(path: str | Path, short_side: int) -> torch.Tensor:
 
 
 class ClassImages(Dataset):
-    """(transformed image, class index) per file: decoded and downsized when read (in DataLoader workers), or decoded
-    ahead (``images``: a list in RAM, or an ``ImageStore`` on disk). ``transform`` (torchvision v2) turns the uint8 image
-    into a normalized float tensor."""
+    """(transformed image, class index or multi-hot vector) per file: decoded and downsized when read (in DataLoader
+    workers), or decoded ahead (``images``: a list in RAM, or an ``ImageStore`` on disk). ``transform`` (torchvision v2)
+    turns the uint8 image into a normalized float tensor."""
 
-    def __init__(self, items: list[tuple[Path, int]], short_side: int, transform, images=None):
+    def __init__(self, items: list[tuple[Path, int]], short_side: int, transform, images=None, num_classes: int = 0):
         self.items, self.short_side, self.transform, self.images = items, short_side, transform, images
+        self.num_classes = num_classes
 
     def __len__(self) -> int:
         return len(self.items)
@@ -170,6 +193,12 @@ class ClassImages(Dataset):
     @property
     def labels(self) -> list[int]:
         return [y for _, y in self.items]
+
+    def targets(self) -> torch.Tensor:
+        """Every label: class indices (N,), or multi-hot rows (N, classes) for multi-label items."""
+        if self.items and isinstance(self.items[0][1], tuple):
+            return torch.stack([multi_hot(y, self.num_classes) for _, y in self.items])
+        return torch.tensor(self.labels, dtype=torch.long)
 
     @property
     def paths(self) -> list[Path]:
@@ -196,8 +225,9 @@ class ClassImages(Dataset):
                 f"{e}; found while reading the images (remove the file, or pass --cache-images ram to check every image before training)"
             ) from None
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.transform(self.decoded(i)), self.items[i][1]
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int | torch.Tensor]:
+        y = self.items[i][1]
+        return self.transform(self.decoded(i)), multi_hot(y, self.num_classes) if isinstance(y, tuple) else y
 
 
 RAM_BUDGET_BYTES = 1 << 30  # --cache-images auto holds decoded images in RAM up to this much (~4,000 images at 256 px)
@@ -244,7 +274,8 @@ def open_images(
         log.warning("skipped %d bad image(s): %s", len(bad), "; ".join(msg for _, msg in bad[:3]))
     if writer is not None:
         images = writer.commit(bad)
-    return ClassImages(items, short_side, transform, images if mode != "none" else None), [msg for _, msg in bad]
+    images = images if mode != "none" else None
+    return ClassImages(items, short_side, transform, images, len(samples.classes)), [msg for _, msg in bad]
 
 
 def _cache_mode(cache: str, samples: Samples, short_side: int, cache_dir: Path | None) -> str:
@@ -297,7 +328,7 @@ def _from_store(samples: Samples, store: ImageStore, short_side: int, transform,
         log.warning("skipped %d bad image(s): %s", len(store.bad), "; ".join(msg for _, msg in store.bad[:3]))
     bad_paths = {path for path, _ in store.bad}
     items = [item for item in samples.items if str(item[0]) not in bad_paths]
-    return ClassImages(items, short_side, transform, store), [msg for _, msg in store.bad]
+    return ClassImages(items, short_side, transform, store, len(samples.classes)), [msg for _, msg in store.bad]
 
 
 def _attempt(work, path: Path):

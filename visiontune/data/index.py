@@ -148,12 +148,14 @@ def check_file(image: Path, where: str) -> None:
         raise UserError(f"{where}: {image}: not a file")
 
 
-def records(path: Path, what: str) -> Iterator[tuple[int, dict]]:
-    """(line number, row as a dict) from a CSV or JSONL index; a file that cannot be read or decoded is one error."""
-    name, line = f"{what}: {path}", 0
+def records(path: Path, what: str, columns: tuple[str, ...] = COLUMNS, aliases: dict[str, str] | None = None) -> Iterator[tuple[int, dict]]:
+    """(line number, row as a dict) from a CSV or JSONL index with the ``columns`` (other names for them: ``aliases``);
+    a file that cannot be read or decoded is one error."""
+    name, line, aliases = f"{what}: {path}", 0, aliases or {}
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
-            for line, record in csv_records(f, name) if path.suffix.lower() == ".csv" else jsonl_records(f, name):
+            rows = csv_records(f, name, columns, aliases) if path.suffix.lower() == ".csv" else jsonl_records(f, name, columns, aliases)
+            for line, record in rows:
                 yield line, record
     except FileNotFoundError:
         raise UserError(f"{name}: no such file") from None
@@ -165,16 +167,18 @@ def records(path: Path, what: str) -> Iterator[tuple[int, dict]]:
         raise UserError(f"{name}: cannot read ({e.strerror or e})") from None
 
 
-def csv_records(f: TextIO, name: str) -> Iterator[tuple[int, dict]]:
-    """Rows of a CSV with a header row naming at least the path and label columns."""
+def csv_records(f: TextIO, name: str, columns: tuple[str, ...], aliases: dict[str, str]) -> Iterator[tuple[int, dict]]:
+    """Rows of a CSV with a header row naming at least the ``columns``."""
     reader = csv.DictReader(f)
+    expected = f"{','.join(columns)}[,split]"
     try:
-        header = [column.strip() for column in reader.fieldnames or []]
-        if not header:
-            raise UserError(f"{name}: empty; expected a header row with the columns {','.join(COLUMNS)}[,split]")
-        missing = [c for c in COLUMNS if c not in header]
+        given = [column.strip() for column in reader.fieldnames or []]
+        if not given:
+            raise UserError(f"{name}: empty; expected a header row with the columns {expected}")
+        header = [aliases.get(column, column) for column in given]
+        missing = [c for c in columns if c not in header]
         if missing:
-            raise UserError(f"{name}, line 1: no {missing[0]!r} column in the header row ({','.join(header)}); expected path,label[,split]")
+            raise UserError(f"{name}, line 1: no {missing[0]!r} column in the header row ({','.join(given)}); expected {expected}")
         reader.fieldnames = header
         for row in reader:
             if None in row:
@@ -184,8 +188,8 @@ def csv_records(f: TextIO, name: str) -> Iterator[tuple[int, dict]]:
         raise UserError(f"{name}, line {reader.reader.line_num}: not valid CSV ({e})") from None
 
 
-def jsonl_records(f: TextIO, name: str) -> Iterator[tuple[int, dict]]:
-    """One JSON object per line with path and label keys; blank lines are skipped."""
+def jsonl_records(f: TextIO, name: str, columns: tuple[str, ...], aliases: dict[str, str]) -> Iterator[tuple[int, dict]]:
+    """One JSON object per line with the ``columns`` as keys; blank lines are skipped."""
     for line, text in enumerate(f, 1):
         if not text.strip():
             continue
@@ -194,8 +198,9 @@ def jsonl_records(f: TextIO, name: str) -> Iterator[tuple[int, dict]]:
         except json.JSONDecodeError as e:
             raise UserError(f"{name}, line {line}: not JSON ({e.msg})") from None
         if not isinstance(record, dict):
-            raise UserError(f"{name}, line {line}: expected a JSON object with the keys {', '.join(COLUMNS)}")
-        missing = [c for c in COLUMNS if c not in record]
+            raise UserError(f"{name}, line {line}: expected a JSON object with the keys {', '.join(columns)}")
+        record = {aliases.get(k, k): v for k, v in record.items()}
+        missing = [c for c in columns if c not in record]
         if missing:
             raise UserError(f"{name}, line {line}: no {missing[0]!r} key")
         yield line, record

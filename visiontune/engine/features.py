@@ -47,7 +47,8 @@ def extract(
     workers: int = 0,
     timing: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features of ``views`` passes over ``dataset`` (its transform may be random): (views*N, F), (views*N,) in float32.
+    """Features of ``views`` passes over ``dataset`` (its transform may be random): (views*N, F) in float32 and the
+    labels, (views*N,) class indices or (views*N, classes) multi-hot.
 
     ``forward`` is the frozen network (frozen.py: PyTorch or ONNX Runtime). Images stream through ``workers``
     DataLoader processes (decoded there unless held in RAM); only the features are kept. Each image's augmentation in
@@ -55,22 +56,22 @@ def extract(
     images, seconds and images/s of the whole pass (reading the images included).
     """
     start, n = time.perf_counter(), len(dataset)
-    feats, labels = None, torch.empty(views * n, dtype=torch.long)
+    feats = labels = None
     with tqdm(total=views * n, desc=desc, unit="img", leave=False, disable=not progress) as bar:
         for view in range(views):
             row = view * n
             loader = DataLoader(SeededPerSample(dataset, seed, view), batch_size=batch_size, shuffle=False, num_workers=workers)
             for x, y in loader:
-                f = forward(x)
+                f, y = forward(x), torch.as_tensor(y)
                 if feats is None:
-                    feats = torch.empty(views * n, f.shape[1])
-                feats[row : row + len(y)], labels[row : row + len(y)] = f, torch.as_tensor(y)
+                    feats, labels = torch.empty(views * n, f.shape[1]), torch.empty(views * n, *y.shape[1:], dtype=y.dtype)
+                feats[row : row + len(y)], labels[row : row + len(y)] = f, y
                 row += len(y)
                 bar.update(len(y))
     seconds = time.perf_counter() - start
     if timing is not None:
         timing.update(images=views * n, seconds=round(seconds, 2), images_per_second=round(views * n / max(seconds, 1e-9), 1))
-    return (feats if feats is not None else torch.empty(0, 0)), labels
+    return (feats, labels) if feats is not None else (torch.empty(0, 0), torch.empty(0, dtype=torch.long))
 
 
 # --------------------------------------------------------------------------------------------- on-disk cache

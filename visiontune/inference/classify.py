@@ -12,12 +12,14 @@ from ..config import TTA
 from ..data.classification import Samples, load_downsized, open_images, scan_folder
 from ..data.images import expand_inputs
 from ..data.index import is_index, read_index
+from ..data.multilabel import read_label_file
 from ..data.transforms import classification_eval
 from ..engine.features import default_cache_dir
 from ..engine.frozen import TorchForward, frozen_forward
 from ..errors import UserError
 from ..meta import ClassifierMeta
 from ..metrics.classification import classification_metrics
+from ..metrics.multilabel import multilabel_metrics
 from .load import OnnxClassifier, load_classifier, onnx_on_cpu
 
 
@@ -39,14 +41,28 @@ def classifier_forward(run_or_file: str | Path, device: str = "auto", engine: st
     return frozen_forward(f"{meta.model}-classifier", model, meta.preprocessing.input_size, engine, cache_dir=default_cache_dir()), meta
 
 
-def with_tta(forward, tta: str):
-    """``forward`` with test-time augmentation: "flip" averages the class probabilities of the image and its mirror
-    (returned as log-probabilities, so argmax, softmax and the loss read them as logits)."""
+def with_tta(forward, tta: str, multi_label: bool = False):
+    """``forward`` with test-time augmentation: the mean of the class probabilities of several views of each image,
+    returned as logits of that mean (log-probabilities; multi-label: log-odds of the mean sigmoid). "flip": the image
+    and its mirror; "flip+crops": also its four corner crops of 7/8 of the side, enlarged back to the input size."""
     if tta not in TTA:
-        raise UserError(f"--tta: unknown {tta!r}; choose {' or '.join(TTA)}")
+        raise UserError(f"--tta: unknown {tta!r}; choose {', '.join(TTA[:-1])} or {TTA[-1]}")
     if tta == "none":
         return forward
-    return lambda x: ((forward(x).float().softmax(1) + forward(x.flip(-1)).float().softmax(1)) / 2).log()
+
+    def views(x: torch.Tensor) -> list[torch.Tensor]:
+        out = [x, x.flip(-1)]
+        if tta == "flip+crops":
+            h, w = x.shape[-2:]
+            ch, cw = round(h * 7 / 8), round(w * 7 / 8)
+            for top, left in ((0, 0), (0, w - cw), (h - ch, 0), (h - ch, w - cw)):
+                crop = x[..., top : top + ch, left : left + cw]
+                out.append(torch.nn.functional.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False))
+        return out
+
+    if multi_label:
+        return lambda x: torch.stack([forward(v.contiguous()).float().sigmoid() for v in views(x)]).mean(0).logit(eps=1e-7)
+    return lambda x: torch.stack([forward(v.contiguous()).float().softmax(1) for v in views(x)]).mean(0).log()
 
 
 def _logits(forward, loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,7 +78,27 @@ def _workers(images: int, batch_size: int) -> int:
     return 0 if images <= batch_size else len(os.sched_getaffinity(0))
 
 
-def _labelled(data: Path) -> Samples:
+def _labelled(data: Path, labels: str | None, meta: ClassifierMeta) -> Samples:
+    """The evaluation images, their labels as class indices of the model (a label file: its split=val rows, if any)."""
+    if meta.multi_label != bool(labels):
+        raise UserError(
+            "--labels: this model is multi-label; pass its label file" if meta.multi_label else "--labels: only for multi-label models"
+        )
+    if labels:
+        rows = read_label_file(labels, data)
+        samples = Samples(rows.val if rows.val else rows.train, rows.classes)
+    else:
+        samples = _single_labelled(data)
+    unknown = sorted(set(samples.classes) - set(meta.classes))
+    if unknown:
+        raise UserError(f"--data: classes the model does not know: {', '.join(unknown)} (it knows {', '.join(meta.classes)})")
+    remap = [meta.classes.index(c) for c in samples.classes]
+    if labels:
+        return Samples([(p, tuple(sorted(remap[k] for k in y))) for p, y in samples.items], meta.classes)
+    return Samples([(p, remap[y]) for p, y in samples.items], meta.classes)
+
+
+def _single_labelled(data: Path) -> Samples:
     if is_index(data):
         rows = read_index(data)
         return Samples(rows.val if rows.val is not None else rows.train, rows.classes)
@@ -70,21 +106,25 @@ def _labelled(data: Path) -> Samples:
 
 
 def evaluate(
-    run_or_file: str | Path, data: str | Path, skip_bad: bool = False, device: str = "auto", engine: str = "auto", tta: str = "none"
+    run_or_file: str | Path,
+    data: str | Path,
+    skip_bad: bool = False,
+    device: str = "auto",
+    engine: str = "auto",
+    tta: str = "none",
+    labels: str | None = None,
 ) -> dict:
     """Accuracy, per-class precision/recall/F1 and confusion matrix on ``data``: class folders, DIR/val/, or an index
-    (its split=val rows where it has a split column, else every row). ``tta``: "none" or "flip" (``with_tta``)."""
+    (its split=val rows where it has a split column, else every row). ``tta``: none, flip or flip+crops (``with_tta``).
+    A multi-label model: mAP, F1 at its thresholds and per-class AP on the images of ``labels`` under ``data``."""
     forward, meta = classifier_forward(run_or_file, device, engine)
-    forward = with_tta(forward, tta)
-    samples = _labelled(Path(data))
-    unknown = sorted(set(samples.classes) - set(meta.classes))
-    if unknown:
-        raise UserError(f"--data: classes the model does not know: {', '.join(unknown)} (it knows {', '.join(meta.classes)})")
-    remap = {i: meta.classes.index(c) for i, c in enumerate(samples.classes)}
-    samples = Samples([(p, remap[y]) for p, y in samples.items], meta.classes)
+    forward = with_tta(forward, tta, meta.multi_label)
+    samples = _labelled(Path(data), labels, meta)
     cores = len(os.sched_getaffinity(0))
     images, _ = open_images(samples, meta.preprocessing.resize_size, eval_transform(meta), "none", skip_bad, threads=cores, progress=False)
     logits, labels_t = _logits(forward, DataLoader(images, batch_size=32, num_workers=_workers(len(images), 32)))
+    if meta.multi_label:
+        return {**multilabel_metrics(logits, labels_t, meta.classes, meta.thresholds), "tta": tta}
     return {**classification_metrics(logits, labels_t, meta.classes), "tta": tta}
 
 
@@ -111,17 +151,26 @@ def predict(
     engine: str = "auto",
     tta: str = "none",
 ) -> list[dict]:
-    """Top-k labels with probabilities for each image: [{"path", "predictions": [{"label", "probability"}]}].
+    """Top-k labels with probabilities for each image: [{"path", "predictions": [{"label", "probability"}]}]; a
+    multi-label model adds "labels": every label at or above its threshold, most probable first.
     ``run_or_file``: a run directory, its model file, or an exported .onnx file (run by ONNX Runtime)."""
     forward, meta = classifier_forward(run_or_file, device, engine)
-    forward = with_tta(forward, tta)
+    forward = with_tta(forward, tta, meta.multi_label)
     paths = expand_inputs(inputs)
     k = min(topk, len(meta.classes))
     loader = DataLoader(_Files(paths, meta), batch_size=batch_size, num_workers=_workers(len(paths), batch_size))
     results = []
     for x, indices in loader:
-        top = forward(x).float().softmax(1).cpu().topk(k, dim=1)
-        for i, vals, idxs in zip(indices.tolist(), top.values, top.indices):
-            predictions = [{"label": meta.classes[j], "probability": round(float(v), 6)} for v, j in zip(vals, idxs)]
-            results.append({"path": str(paths[i]), "predictions": predictions, **({"tta": tta} if tta != "none" else {})})
+        logits = forward(x).float().cpu()
+        probs = logits.sigmoid() if meta.multi_label else logits.softmax(1)
+        top = probs.topk(k, dim=1)
+        for i, row, vals, idxs in zip(indices.tolist(), probs, top.values, top.indices):
+            r = {
+                "path": str(paths[i]),
+                "predictions": [{"label": meta.classes[j], "probability": round(float(v), 6)} for v, j in zip(vals, idxs)],
+            }
+            if meta.multi_label:
+                above = [j for j in row.argsort(descending=True).tolist() if row[j] >= meta.thresholds[j]]
+                r["labels"] = [{"label": meta.classes[j], "probability": round(float(row[j]), 6)} for j in above]
+            results.append({**r, **({"tta": tta} if tta != "none" else {})})
     return results

@@ -79,3 +79,26 @@ def class_weights(setting: str, labels: list[int], classes: list[str]) -> torch.
     if unknown:
         raise UserError(f"--class-weights: {setting}: unknown class(es) {', '.join(unknown)} (the classes: {', '.join(classes)})")
     return torch.tensor([float(given.get(c, 1.0)) for c in classes])
+
+
+def decisions(logits: torch.Tensor, labels: torch.Tensor, classes: list[str], thresholds: list[float] | None = None) -> list[dict]:
+    """Each image's answer in words: its true and predicted label, how sure, right or not, and the probabilities.
+    Multi-label (``thresholds`` given; ``labels`` multi-hot): the labels at or above their class's threshold,
+    space-separated ("-": none); sure as the least sure of its per-class decisions; right when every label is."""
+    if thresholds is None:
+        probs = logits.float().softmax(1)
+        conf, pred = probs.max(1)
+        named, truth = [classes[int(k)] for k in pred], [classes[int(k)] for k in labels]
+    else:
+        probs = logits.float().sigmoid()
+        chosen = probs >= torch.tensor(thresholds)
+        conf = torch.where(chosen, probs, 1 - probs).min(1).values
+
+        def words(row) -> str:
+            return " ".join(c for c, on in zip(classes, row.tolist()) if on) or "-"
+
+        named, truth = [words(row) for row in chosen], [words(row > 0.5) for row in labels]
+    return [
+        {"true": t, "predicted": p, "confidence": float(c), "correct": t == p, "probabilities": pr}
+        for t, p, c, pr in zip(truth, named, conf.tolist(), probs.tolist())
+    ]

@@ -16,7 +16,6 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from torch import nn
 from torch.utils.data import DataLoader
 
 from .. import checkpoint as ckpt
@@ -31,12 +30,13 @@ from ..engine.runtime import faster_in_bf16
 from ..errors import UserError
 from ..faults import fault_point
 from ..meta import ClassifierMeta, EvalPreprocessing
-from ..metrics.classification import class_weights, classification_metrics, predict_logits
+from ..metrics.classification import class_weights, predict_logits
 from ..models.backbones import build_backbone
 from ..models.classifier import Classifier
 from ..runs import write_json
 from ..strategies import AUTO, STRATEGIES, WHOLE_BACKBONE, Recipe, recipe_for
 from .cached_head import SKLEARN_HEADS, train_head_on_features
+from .objective import check_multi_label_settings, objective_for
 
 
 def fit(cfg: ClassifyConfig, resume: bool = False, given: dict | None = None) -> dict:
@@ -115,6 +115,8 @@ class ClassifyTask:
         self.feature_timing: dict[str, dict] = {}  # per split: images, seconds, images/s of a feature pass (not a cache hit)
 
     def resolve(self, cfg: ClassifyConfig) -> ClassifyConfig:
+        if cfg.labels:
+            check_multi_label_settings(cfg)
         if cfg.strategy == AUTO:
             from ..advisor import choose_strategy
 
@@ -126,7 +128,7 @@ class ClassifyTask:
     def setup(self, device: torch.device, bf16: bool, progress: bool) -> None:
         cfg, recipe = self.cfg, self.recipe
         self.device, self.bf16, self.progress = device, bf16, progress
-        self.train_s, self.val_s = find_splits(cfg.data, cfg.val_data, cfg.val_split, cfg.seed)
+        self.train_s, self.val_s = find_splits(cfg.data, cfg.val_data, cfg.val_split, cfg.seed, cfg.labels)
         backbone = build_backbone(cfg.model, cfg.weights)
         prep = backbone.preprocessing
         size = cfg.image_size or prep.input_size
@@ -153,13 +155,14 @@ class ClassifyTask:
         self.train_ds, self.bad_train = open_images(self.train_s, resize, train_tf, **images)
         self.val_ds, self.bad_val = open_images(self.val_s, resize, classification_eval(size, resize, prep.mean, prep.std), **images)
         self.image_loading = {"cache": self.train_ds.cache, "seconds": round(time.perf_counter() - start, 2)}
-        self.val_labels = torch.tensor(self.val_ds.labels)
+        self.val_labels = self.val_ds.targets()
         # images decoded ahead (RAM, image cache) transform fast in this process; files decode in one worker per core
         self.workers = cfg.workers if cfg.workers is not None else (0 if self.train_ds.predecoded else cores)
         self.val_loader = DataLoader(distributed.shard(self.val_ds), batch_size=64, shuffle=False, num_workers=self.workers)
-        self.class_weights = class_weights(cfg.class_weights, [y for _, y in self.train_s.items], self.train_s.classes)
-        weight = self.class_weights.to(device) if self.class_weights is not None else None
-        self.loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=recipe.label_smoothing)
+        weights = class_weights(cfg.class_weights, [y for _, y in self.train_s.items], self.train_s.classes)
+        multi = self.train_s.multi_label
+        self.objective = objective_for(multi, self.train_s.classes, weights, recipe.label_smoothing, cfg.threshold)
+        self.loss_fn = self.objective.loss_fn(device)
         self.meta = ClassifierMeta(
             model=backbone.name,
             classes=self.train_s.classes,
@@ -171,6 +174,7 @@ class ClassifyTask:
             recipe=cfg.recipe,
             preprocessing=EvalPreprocessing(list(prep.mean), list(prep.std), size, resize),
             advice=self.advice.as_dict() if self.advice else None,
+            multi_label=multi,
         )
 
     def train_bf16(self, bf16: bool) -> bool:
@@ -183,7 +187,7 @@ class ClassifyTask:
         size = self.meta.preprocessing.input_size
         x = torch.randn(distributed.per_process_batch(cfg.batch_size), 3, size, size, generator=torch.Generator().manual_seed(0))
         x = x.to(self.device).contiguous(memory_format=torch.channels_last)
-        y = torch.zeros(len(x), dtype=torch.long, device=self.device)
+        y = self.val_labels[:1].expand(len(x), *self.val_labels.shape[1:]).to(self.device)  # a target of the loss's shape
 
         def step(bf16: bool) -> None:
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -220,9 +224,8 @@ class ClassifyTask:
         strategies.apply(self.model, first)
         train = distributed.computed_on_main(lambda: self._features(self.train_ds, cfg.views, cfg.seed, "train"))
         val = distributed.computed_on_main(lambda: self._features(self.val_ds, 1, 0, "val"))
-        settings = (cfg.head, cfg.batch_size, cfg.weight_decay, self.recipe.label_smoothing, cfg.seed)
-        draw = dict(class_weights=self.class_weights, balanced=cfg.sampler == "balanced")
-        head = partial(train_head_on_features, self.model, *settings, train, val, **draw)
+        settings = (cfg.head, cfg.batch_size, cfg.weight_decay, self.objective, cfg.seed)
+        head = partial(train_head_on_features, self.model, *settings, train, val, balanced=cfg.sampler == "balanced")
         if STRATEGIES[cfg.strategy].frozen_base:  # the whole run is the head on cached features
             self.val_features = val[0]  # finish scores the kept head on them: no second pass over the images
             head(cfg.epochs, cfg.lr, lambda p, stats, logits: self._record(record, p, "linear (cached features)", stats, logits))
@@ -262,7 +265,7 @@ class ClassifyTask:
         y = y.to(device, non_blocking=True)
         logits = model(x)
         loss = self.loss_fn(logits.float(), y)
-        return loss, len(y), {"correct": (logits.argmax(1) == y).sum().item(), "loss_x_images": loss.item() * len(y)}
+        return loss, len(y), {"correct": self.objective.correct(logits, y), "loss_x_images": loss.item() * len(y)}
 
     def summarize(self, totals: dict, seconds: float) -> dict:
         seen = max(1, totals["seen"])
@@ -277,17 +280,14 @@ class ClassifyTask:
             self._record(record, epoch, self.phase.name, stats, logits)
 
     def _record(self, record, epoch: int, phase: str, stats: dict, logits: torch.Tensor) -> None:
-        m = classification_metrics(logits.cpu(), self.val_labels, self.train_s.classes)
-        fields = {"phase": phase, **stats, "val_loss": m["loss"], "val_accuracy": m["accuracy"], "lr": stats.get("lr")}
-        fields["val_balanced_accuracy"] = m["balanced_accuracy"]
+        logits = logits.cpu()
+        self.meta.thresholds = self.objective.thresholds(logits, self.val_labels)  # multi-label: kept with this epoch's model
+        m = self.objective.metrics(logits, self.val_labels, self.meta.thresholds)
+        score, val_fields, shown = self.objective.log_fields(m)
+        fields = {"phase": phase, **stats, "val_loss": m["loss"], **val_fields, "lr": stats.get("lr")}
         train_loss = f"{stats['train_loss']:.4f}" if stats.get("train_loss") is not None else "-"
-        record(
-            epoch,
-            fields,
-            m["accuracy"],
-            {"val_accuracy": m["accuracy"]},
-            f"[{phase}] train_loss {train_loss}  val_loss {m['loss']:.4f}  val_acc {m['accuracy']:.4f}",
-        )
+        line = f"[{phase}] train_loss {train_loss}  val_loss {m['loss']:.4f}  {shown}"
+        record(epoch, fields, score, {self.objective.score_name: score}, line)
 
     def finish(self, out: Path, state) -> dict:
         """Reload the best model, write metrics.json, the pictures and report.html."""
@@ -295,8 +295,8 @@ class ClassifyTask:
         from ..visualize import confusion_matrix_png, prediction_grid_png
 
         cfg, classes = self.cfg, self.train_s.classes
-        best_sd, _ = ckpt.load_model_file(out / "model.safetensors")
-        final_acc = state.history[-1]["val_accuracy"]
+        best_sd, best_meta = ckpt.load_model_file(out / "model.safetensors")
+        final = state.history[-1][self.objective.score_name]
         self.model.load_state_dict(best_sd)
         if self.val_features is not None:
             with torch.no_grad():
@@ -306,16 +306,14 @@ class ClassifyTask:
                 )
         else:
             logits, labels = predict_logits(self.model, DataLoader(self.val_ds, batch_size=64, num_workers=self.workers))
-        m = classification_metrics(logits, labels, classes)
+        m = self.objective.metrics(logits, labels, best_meta.get("thresholds"))
         trainable, total = self.model.count_params()
         train_seconds = state.elapsed()
         metrics = {
             "task": "classification",
-            "best_val_accuracy": state.best,
+            **self.objective.summary(m, state.best, final),
             "best_epoch": state.best_epoch,
             "stopped_epoch": state.stopped_epoch,
-            "final_val_accuracy": final_acc,
-            "val_balanced_accuracy": m["balanced_accuracy"],
             "epochs": cfg.epochs,
             "train_seconds": round(train_seconds, 2),
             "strategy": cfg.strategy,
@@ -325,8 +323,6 @@ class ClassifyTask:
             "trainable_params": trainable,
             "total_params": total,
             "classes": classes,
-            "per_class": m["per_class"],
-            "confusion_matrix": m["confusion_matrix"],
             "skipped_bad_images": self.bad_train + self.bad_val,
             "skipped_non_images": self.train_s.skipped,
         }
@@ -336,15 +332,14 @@ class ClassifyTask:
         if self.meta.advice:
             metrics["advice"] = self.meta.advice
         write_json(out / "metrics.json", metrics)
-        val_paths = [str(p) for p in self.val_ds.paths]
-        write_val_predictions(out / "val_predictions.json", self.val_ds.decoded, logits, labels, classes, val_paths)
-        prediction_grid_png(out / "predictions.png", self.val_ds, logits, labels, classes, vars(self.meta.preprocessing))
-        confusion_matrix_png(out / "confusion_matrix.png", m["confusion_matrix"], classes)
+        val_paths, cut = [str(p) for p in self.val_ds.paths], best_meta.get("thresholds")
+        write_val_predictions(out / "val_predictions.json", self.val_ds.decoded, logits, labels, classes, val_paths, cut)
+        prediction_grid_png(out / "predictions.png", self.val_ds, logits, labels, classes, vars(self.meta.preprocessing), thresholds=cut)
+        if "confusion_matrix" in m:
+            confusion_matrix_png(out / "confusion_matrix.png", m["confusion_matrix"], classes)
         write_report(out)
         if not cfg.quiet:
-            print(f"best val accuracy {state.best:.4f} (epoch {state.best_epoch}), final {final_acc:.4f}, {train_seconds:.0f}s", flush=True)
-            print(
-                f"outputs in {out}/: model.safetensors metrics.json log.jsonl report.html predictions.png confusion_matrix.png config.yaml",
-                flush=True,
-            )
+            score = self.objective.score_name.removeprefix("val_")
+            print(f"best val {score} {state.best:.4f} (epoch {state.best_epoch}), final {final:.4f}, {train_seconds:.0f}s", flush=True)
+            print(f"outputs in {out}/: model.safetensors metrics.json log.jsonl report.html predictions.png config.yaml", flush=True)
         return metrics
