@@ -11,6 +11,7 @@
     python bench/detect.py --data ../shared/datasets/PennFudanPed            # 3 epochs each: ~15 minutes on 2 cores
     python bench/detect.py --quick                                           # a few minutes
     python bench/detect.py --epochs 3 --lr-step 2 --seed 1                   # both loops: LR / 10 after epoch 2
+    python bench/detect.py --epochs 5 --lr-step 4 --skip-baseline --tta      # + the run's val AP with --tta flip
 
 At 3 epochs AP moves by up to 0.08 from one seed to the next (either loop): compare means over several seeds.
 """
@@ -122,6 +123,21 @@ def tutorial_baseline(root: Path, names: list[str], cfg: DetectConfig) -> dict:
     return {"epoch_seconds": [round(x, 1) for x in seconds], "epoch_losses": losses, "final": {k: round(metrics[k], 4) for k in AP_KEYS}}
 
 
+def tta_comparison(run: Path, cfg: DetectConfig) -> dict:
+    """The run's kept model on its validation images, plain and with flip TTA: AP and seconds of each."""
+    from visiontune.inference.detect import with_detect_tta
+    from visiontune.inference.load import load_detector
+
+    model, _ = load_detector(run, "cpu")
+    _, val_records, data = load_splits(cfg)
+    out = {}
+    for tta in ("none", "flip"):
+        start = time.perf_counter()
+        metrics, _ = evaluate_model(with_detect_tta(model, tta), val_records, data.classes, data.has_masks, torch.device("cpu"))
+        out[tta] = {**{k: round(metrics[k], 4) for k in AP_KEYS}, "seconds": round(time.perf_counter() - start, 1)}
+    return out
+
+
 # --------------------------------------------------------------------------------------------- main
 
 
@@ -146,6 +162,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="16 images, 1 epoch, 160-224 px: a few minutes")
     ap.add_argument("--skip-baseline", action="store_true")
+    ap.add_argument("--tta", action="store_true", help="also evaluate the run with flip TTA (AP and seconds beside plain)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="vt-bench-detect-"))
     data = Path(args.data)
@@ -228,6 +245,8 @@ def main() -> None:
     pred = predict_run(work / "run", val_images, score_threshold=0.5, output=str(work / "predict"), quiet=True)
     result["predict_images_per_second"] = pred["images_per_second"]
     result["predict_images"] = pred["images"]
+    if args.tta:
+        result["tta"] = tta_comparison(work / "run", cfg)
     result["load_average_after"] = load_average()
     shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(result))

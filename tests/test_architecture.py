@@ -19,7 +19,7 @@ LAYERS = [
     {"visualize"},
     {"report"},
     {"advisor"},
-    {"tasks", "inference"},
+    {"tasks", "inference", "audit"},
     {"export", "compare"},
     {"benchmark"},
     {"quantize"},

@@ -61,7 +61,7 @@ def test_balanced_draw_makes_every_class_equally_likely():
 
 
 def test_the_balanced_sampler_depends_on_seed_and_epoch_only():
-    from visiontune.tasks.classify import epoch_loader
+    from visiontune.tasks.schedule import epoch_loader
 
     class Labels(torch.utils.data.Dataset):
         labels = [0] * 18 + [1] * 2

@@ -128,10 +128,23 @@ def test_image_modes_all_load(tmp_path):
 
 
 @pytest.mark.shared
-def test_hymenoptera_linear_reaches_090(hymenoptera, tmp_path):
-    """The real ants/bees set, the embedded backbone, a brief linear run (CI)."""
+def test_hymenoptera_linear_reaches_090_and_its_report_names_planted_label_errors(hymenoptera, tmp_path):
+    """The real ants/bees set (symlinked, 5 ants filed under bees), the embedded backbone, a brief linear run (CI):
+    it learns, and the run's label check puts the 5 among the 12 training images it asks to check."""
+    data = tmp_path / "data"
+    flipped = sorted((hymenoptera / "train" / "ants").glob("*.jpg"))[::25][:5]
+    for split in ("train", "val"):
+        for cls in ("ants", "bees"):
+            (data / split / cls).mkdir(parents=True)
+        for cls in ("ants", "bees"):
+            for f in (hymenoptera / split / cls).iterdir():
+                to = "bees" if f in flipped else cls
+                (data / split / to / f.name).symlink_to(f)
     out = tmp_path / "ants_bees"
-    assert main(["classify", "train", "--data", str(hymenoptera), "--out", str(out), "--quiet", "--epochs", "10", "--views", "2"]) == 0
+    assert main(["classify", "train", "--data", str(data), "--out", str(out), "--quiet", "--epochs", "10", "--views", "2"]) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["best_val_accuracy"] >= 0.9, m["best_val_accuracy"]
     assert any("imageNotFound.gif" in s for s in m["skipped_non_images"])
+    named = {Path(r["path"]).name for r in m["label_suspects"]}
+    assert len(named & {f.name for f in flipped}) >= 4, (named, flipped)
+    assert "Training labels to check" in (out / "report.html").read_text()

@@ -16,7 +16,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .config import ENGINES, TTA, ClassifyConfig, DetectConfig, from_dict, load_yaml
+from .config import ENGINES, TTA, ClassifyConfig, DetectConfig, checked_types, from_dict, load_yaml
 from .errors import UserError
 
 
@@ -66,47 +66,14 @@ def _settings(args: argparse.Namespace, cls) -> dict:
     """The settings the user gave: ``--config`` file values (type-checked), then flags."""
     values = {}
     if getattr(args, "config", None):
-        values.update(_checked_types(_read_config(args.config), cls, args.config))
+        values.update(checked_types(load_yaml(args.config), cls, args.config))
     names = {f.name for f in dataclasses.fields(cls)}
     values.update({k: v for k, v in vars(args).items() if k in names})
     return values
 
 
-def _read_config(path: str) -> dict:
-    if Path(path).is_dir():
-        raise UserError(f"--config: {path}: is a directory, expected a YAML file")
-    try:
-        return load_yaml(path)
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"--config: {path}: cannot read it as YAML text ({getattr(e, 'strerror', None) or type(e).__name__})") from None
-
-
 def _config_from(args: argparse.Namespace, cls):
     return from_dict(cls, _settings(args, cls))
-
-
-def _checked_types(values: dict, cls, source: str) -> dict:
-    """YAML gives any type: a setting must have its field's (int, float, bool or text; null where optional)."""
-    types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
-    out = {}
-    for k, v in values.items():
-        t = types.get(k)
-        if t is None:
-            close = difflib.get_close_matches(k, types, n=1)
-            raise UserError(f"--config {source}: unknown setting {k!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
-        base = t.replace(" | None", "")
-        ok = (
-            (v is None and t.endswith("| None"))
-            or (base == "bool" and isinstance(v, bool))
-            or (base == "int" and isinstance(v, int) and not isinstance(v, bool))
-            or (base == "float" and isinstance(v, (int, float)) and not isinstance(v, bool))
-            or (base == "str" and isinstance(v, (str, int, float)) and not isinstance(v, bool))
-        )
-        if not ok:
-            want = {"bool": "true or false", "int": "a whole number", "float": "a number", "str": "text"}.get(base, base)
-            raise UserError(f"--config {source}: {k}: expected {want}, got {v!r}")
-        out[k] = str(v) if base == "str" and v is not None else float(v) if base == "float" and v is not None else v
-    return out
 
 
 def _add_train(commands, help_text: str, cls, func) -> None:
@@ -134,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = csub.add_parser("eval", help="accuracy, per-class metrics and confusion matrix of a trained run")
     e.add_argument("run", help="run directory or model.safetensors")
     e.add_argument("--data", required=True, help="class folders (or a DIR with val/)")
+    e.add_argument("--labels", default=None, metavar="FILE", help="a multi-label model: the label file of the images in --data")
     e.add_argument("--skip-bad", action="store_true", help="skip unreadable images instead of stopping")
     _add_device_arg(e)
     _add_engine_arg(e)
@@ -150,6 +118,20 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_ = csub.add_parser("compare", help="train every strategy under the same budget; table and plot")
     _add_config_args(cmp_, ClassifyConfig, skip={"strategy"})
     cmp_.set_defaults(func=_classify_compare)
+    au = csub.add_parser("audit", help="likely label errors, near duplicates and train/val leakage (JSONL and an HTML page)")
+    au.add_argument("--data", required=True, help="as for classify train: DIR with train/ and val/, class folders, or an index")
+    au.add_argument("--val-data", default=None, help="validation class folders or index, when not DIR/val")
+    au.add_argument("--model", default=ClassifyConfig.model, help=f"backbone that gives the features (default: {ClassifyConfig.model})")
+    au.add_argument("--weights", default=None, help="weights file for --model (default: as classify train)")
+    au.add_argument("--out", default=None, help="folder for the audit files (default: runs/audit-<data folder name>)")
+    au.add_argument("--top", type=int, default=20, help="label suspects and duplicate pairs shown (default: 20)")
+    au.add_argument("--folds", type=int, default=5, help="cross-validation folds of the label check (default: 5)")
+    au.add_argument("--duplicate-threshold", type=float, default=None, help="near duplicates: cosine from this (default: 0.82)")
+    au.add_argument("--cache-dir", default=None, help="feature cache folder, or none (default: as classify train)")
+    au.add_argument("--seed", type=int, default=0, help="seed of the folds (default: 0)")
+    au.add_argument("--skip-bad", action="store_true", help="skip unreadable images instead of stopping")
+    _add_engine_arg(au)
+    au.set_defaults(func=_classify_audit)
 
     detect = tasks.add_parser("detect", help="object detection and instance segmentation (Mask/Faster R-CNN)")
     dsub = detect.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -159,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--data", required=True)
     de.add_argument("--format", default=None, help="pennfudan or coco (default: the run's)")
     de.add_argument("--annotations", default=None, help="COCO JSON for --format coco")
+    de.add_argument("--tta", default="none", choices=("none", "flip"), help="flip: detections of the image and its mirror, merged")
     _add_device_arg(de)
     de.set_defaults(func=_detect_eval)
     dp = dsub.add_parser("predict", help="COCO-results JSON and rendered PNGs")
@@ -166,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("inputs", nargs="+")
     dp.add_argument("--score-threshold", type=float, default=0.5, help="(default: 0.5)")
     dp.add_argument("--output", default=None, help="folder for predictions.json and PNGs (default: RUN/predict)")
+    dp.add_argument("--tta", default="none", choices=("none", "flip"), help="flip: detections of the image and its mirror, merged")
     _add_device_arg(dp)
     dp.set_defaults(func=_detect_predict)
 
@@ -222,14 +206,19 @@ def _add_engine_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_tta_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tta", default="none", choices=TTA, help="test-time augmentation: flip averages the image and its mirror")
+    parser.add_argument(
+        "--tta", default="none", choices=TTA, help="flip: mean of the image and its mirror; flip+crops: also 4 corner crops"
+    )
 
 
 def _classify_eval(args):
     from .inference.classify import evaluate
 
-    m = evaluate(args.run, args.data, skip_bad=args.skip_bad, device=args.device, engine=args.engine, tta=args.tta)
-    print(f"accuracy {m['accuracy']:.4f} on {sum(v['support'] for v in m['per_class'].values())} images", file=sys.stderr)
+    m = evaluate(args.run, args.data, skip_bad=args.skip_bad, device=args.device, engine=args.engine, tta=args.tta, labels=args.labels)
+    if "mAP" in m:
+        print(f"mAP {m['mAP']:.4f}  F1 micro {m['f1_micro']:.4f}  macro {m['f1_macro']:.4f}", file=sys.stderr)
+    else:
+        print(f"accuracy {m['accuracy']:.4f} on {sum(v['support'] for v in m['per_class'].values())} images", file=sys.stderr)
     for name, v in m["per_class"].items():
         print(f"  {name:<20} precision {v['precision']:.3f}  recall {v['recall']:.3f}  f1 {v['f1']:.3f}  n={v['support']}", file=sys.stderr)
     print(json.dumps(m))
@@ -242,6 +231,14 @@ def _classify_predict(args):
 
     for r in predict(args.run, args.inputs, topk=args.topk, device=args.device, engine=args.engine, tta=args.tta):
         print(json.dumps(r))
+
+
+def _classify_audit(args):
+    from .audit import audit, describe
+
+    result = audit(**{k: v for k, v in vars(args).items() if k not in ("task", "command", "func", "verbose")}, progress=sys.stderr.isatty())
+    print(describe(result), file=sys.stderr)
+    print(json.dumps(result["summary"]))
 
 
 def _classify_compare(args):
@@ -259,13 +256,13 @@ def _detect_train(args):
 def _detect_eval(args):
     from .inference.detect import evaluate_run
 
-    print(json.dumps(evaluate_run(args.run, args.data, fmt=args.format, annotations=args.annotations, device=args.device)))
+    print(json.dumps(evaluate_run(args.run, args.data, fmt=args.format, annotations=args.annotations, device=args.device, tta=args.tta)))
 
 
 def _detect_predict(args):
     from .inference.detect import predict_run
 
-    predict_run(args.run, args.inputs, score_threshold=args.score_threshold, output=args.output, device=args.device)
+    predict_run(args.run, args.inputs, score_threshold=args.score_threshold, output=args.output, device=args.device, tta=args.tta)
 
 
 def _benchmark(args):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -264,12 +265,16 @@ def to_yaml(cfg: Any) -> str:
 def load_yaml(path: str | Path) -> dict:
     """Read a YAML config file into a dict of settings (keys use underscores)."""
     p = Path(path)
+    if p.is_dir():
+        raise UserError(f"--config: {p}: is a directory, expected a YAML file")
     if not p.is_file():
         raise UserError(f"--config: {p}: no such file")
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
         raise UserError(f"--config: {p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"--config: {p}: cannot read it as YAML text ({getattr(e, 'strerror', None) or type(e).__name__})") from None
     if not isinstance(data, dict):
         raise UserError(f"--config: {p}: expected a mapping of settings at the top level")
     return {str(k).replace("-", "_"): v for k, v in data.items()}
@@ -282,3 +287,27 @@ def from_dict(cls: type, values: dict) -> Any:
     if unknown:
         raise UserError(f"config: unknown setting(s) {', '.join(unknown)}")
     return cls(**values)
+
+
+def checked_types(values: dict, cls, source: str) -> dict:
+    """YAML gives any type: a setting must have its field's (int, float, bool or text; null where optional)."""
+    types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+    out = {}
+    for k, v in values.items():
+        t = types.get(k)
+        if t is None:
+            close = difflib.get_close_matches(k, types, n=1)
+            raise UserError(f"--config {source}: unknown setting {k!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
+        base = t.replace(" | None", "")
+        ok = (
+            (v is None and t.endswith("| None"))
+            or (base == "bool" and isinstance(v, bool))
+            or (base == "int" and isinstance(v, int) and not isinstance(v, bool))
+            or (base == "float" and isinstance(v, (int, float)) and not isinstance(v, bool))
+            or (base == "str" and isinstance(v, (str, int, float)) and not isinstance(v, bool))
+        )
+        if not ok:
+            want = {"bool": "true or false", "int": "a whole number", "float": "a number", "str": "text"}.get(base, base)
+            raise UserError(f"--config {source}: {k}: expected {want}, got {v!r}")
+        out[k] = str(v) if base == "str" and v is not None else float(v) if base == "float" and v is not None else v
+    return out

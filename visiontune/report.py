@@ -230,6 +230,31 @@ def _per_class(metrics: dict) -> str:
     return _table(["class", *extra, "precision", "recall", "F1", "images"], rows)
 
 
+def _label_suspects(rows: list[dict]) -> str:
+    """The training images whose given label a cross-validated model on their features finds least likely."""
+    from torchvision.transforms.v2.functional import pil_to_tensor
+
+    from .data.images import BadImage, load_rgb
+
+    cards = []
+    for r in rows:
+        name = Path(r["path"]).name
+        try:
+            picture = _img(_thumbnail_jpeg(pil_to_tensor(load_rgb(r["path"], THUMBNAIL_PX))), name, "image/jpeg")
+        except (BadImage, OSError):  # moved or deleted since training
+            picture = ""
+        cards.append(
+            f'<figure class="{"wrong" if r["suspect"] else "ok"}">{picture}<figcaption>given <b>{html.escape(r["given"])}</b>, '
+            f"looks like <b>{html.escape(r['predicted'])}</b><br>p(given) {r['given_probability']:.3f}<br>"
+            f"<small>{html.escape(name)}</small></figcaption></figure>"
+        )
+    return (
+        "<p>Out-of-fold probabilities of a logistic regression on the frozen features (the least likely given labels "
+        "first; red: a suspect by confident learning). <code>visiontune classify audit</code> checks every image and "
+        f'finds near duplicates.</p><div class="gallery">{"".join(cards)}</div>'
+    )
+
+
 def _classification_gallery(preds: dict | None) -> str:
     if not preds:
         return "<p>No val_predictions.json in this run.</p>"
@@ -313,6 +338,10 @@ def write_report(run_dir: str | Path) -> Path:
                 f'<section><h2>Confusion matrix and per-class metrics</h2><div class="row">{_confusion(metrics)}'
                 f"{_per_class(metrics)}</div></section>"
             )
+        elif metrics.get("per_class"):  # multi-label: no confusion matrix
+            parts.append(f"<section><h2>Per-class metrics</h2>{_per_class(metrics)}</section>")
+        if metrics.get("label_suspects"):
+            parts.append(f"<section><h2>Training labels to check</h2>{_label_suspects(metrics['label_suspects'])}</section>")
         parts.append(
             f"<section><h2>Validation predictions</h2>{_classification_gallery(_read_json(run / 'val_predictions.json'))}</section>"
         )

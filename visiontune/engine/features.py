@@ -84,6 +84,13 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "visiontune" / "features"
 
 
+def cache_folder(setting: str | Path | None) -> Path | None:
+    """The folder a ``--cache-dir`` setting names: unset (None) the default, "none" no cache at all."""
+    if setting is None or str(setting) == "":
+        return default_cache_dir()
+    return None if str(setting).lower() == "none" else Path(setting)
+
+
 def cache_key(
     backbone_name: str, backbone: nn.Module, preprocessing: str, views: int, seed: int, items: list[tuple[str | Path, int]], engine: str
 ) -> dict:
@@ -156,14 +163,15 @@ def cached_extract(
     """``extract`` through the on-disk cache: reuse the features when every input is unchanged, else compute and store.
 
     ``forward`` runs ``backbone`` (frozen.py; its ``name``, the engine, is part of the key). ``preprocessing`` describes
-    how the files (``dataset.paths``) became tensors (decode size and the transform). ``cache_dir="none"`` turns the
-    disk cache off. ``timing`` as for ``extract``, left empty when the features come from the cache.
+    how the files (``dataset.paths``) became tensors (decode size and the transform). ``cache_dir`` as ``cache_folder``
+    reads it: None the default folder, "none" no disk cache. ``timing`` as for ``extract``, left empty when the features come from the cache.
     """
     run = dict(views=views, seed=seed, desc=desc, progress=progress, workers=workers, timing=timing)
-    if str(cache_dir).lower() == "none":
+    folder = cache_folder(cache_dir)
+    if folder is None:
         return extract(forward, dataset, **run)
     key = cache_key(backbone_name, backbone, preprocessing, views, seed, dataset.items, forward.name)
-    path = cache_path(cache_dir or default_cache_dir(), key)
+    path = cache_path(folder, key)
     hit = load_features(path, key)
     if hit is not None:
         log.info("features from cache %s", path)

@@ -15,12 +15,26 @@ from ..data.images import expand_inputs, load_rgb
 from ..errors import UserError
 from ..metrics.coco import coco_results, evaluate_model, predict_records
 from ..visualize import draw_detections
+from .detect_tta import FlipTTA
 from .load import detector_for_predict, load_detector
 
+DETECT_TTA = ("none", "flip")
 
-def evaluate_run(run: str | Path, data: str, fmt: str | None = None, annotations: str | None = None, device: str = "auto") -> dict:
-    """COCO bbox (and segm) AP/AP50/AP75, overall and per class, of a trained run on ``data``."""
+
+def with_detect_tta(model, tta: str):
+    """``model``, or with ``tta`` "flip" the image and its mirror, their detections merged (detect_tta.py)."""
+    if tta not in DETECT_TTA:
+        raise UserError(f"--tta: unknown {tta!r}; choose none or flip")
+    return FlipTTA(model) if tta == "flip" else model
+
+
+def evaluate_run(
+    run: str | Path, data: str, fmt: str | None = None, annotations: str | None = None, device: str = "auto", tta: str = "none"
+) -> dict:
+    """COCO bbox (and segm) AP/AP50/AP75, overall and per class, of a trained run on ``data``; ``tta``: none or flip."""
     model, meta = load_detector(run, device)
+    device = next(model.parameters()).device
+    model = with_detect_tta(model, tta)
     fmt = fmt or meta.data_format
     instances = load_instances(fmt, data, annotations)
     classes = meta.classes
@@ -32,8 +46,8 @@ def evaluate_run(run: str | Path, data: str, fmt: str | None = None, annotations
     remap = torch.tensor([0] + [classes.index(c) + 1 for c in instances.classes])
     for r in instances.records:
         r.labels = remap[r.labels]
-    m, _ = evaluate_model(model, instances.records, classes, meta.masks and instances.has_masks, next(model.parameters()).device)
-    return {**m, "images": len(instances.records)}
+    m, _ = evaluate_model(model, instances.records, classes, meta.masks and instances.has_masks, device)
+    return {**m, "images": len(instances.records), "tta": tta}
 
 
 def predict_run(
@@ -44,6 +58,7 @@ def predict_run(
     batch_size: int = 4,
     quiet: bool = False,
     device: str = "auto",
+    tta: str = "none",
 ) -> dict:
     """COCO-results JSON (RLE masks) and a rendered PNG per image in ``output`` (default RUN/predict).
     ``run``: a run directory, its model file, or an exported .onnx file (run by ONNX Runtime)."""
@@ -52,6 +67,7 @@ def predict_run(
     model, on, meta = detector_for_predict(run, device)
     if hasattr(model, "roi_heads"):  # boxes under the threshold dropped inside the model: no masks pasted for them (~1.2x the images/s)
         model.roi_heads.score_thresh = max(model.roi_heads.score_thresh, score_threshold)
+    model = with_detect_tta(model, tta)
     paths = expand_inputs(inputs)
     out_dir = Path(output) if output else (Path(run) if Path(run).is_dir() else Path(run).parent) / "predict"
     try:
@@ -76,6 +92,7 @@ def predict_run(
         "output": str(out_dir),
         "seconds": round(seconds, 3),
         "images_per_second": round(len(paths) / seconds, 3) if seconds > 0 else None,
+        "tta": tta,
     }
     if not quiet:
         print(json.dumps(summary), flush=True)

@@ -8,7 +8,6 @@ instead of pushing every image through the base each epoch.
 from __future__ import annotations
 
 import copy
-import math
 import os
 import time
 from dataclasses import replace
@@ -24,19 +23,23 @@ from ..config import ClassifyConfig
 from ..data.classification import find_splits, open_images
 from ..data.transforms import classification_eval, classification_train
 from ..engine import distributed, loop, wise
-from ..engine.features import cached_extract, default_cache_dir
+from ..engine.features import cache_folder, cached_extract, default_cache_dir
 from ..engine.frozen import frozen_forward
 from ..engine.runtime import faster_in_bf16
 from ..errors import UserError
 from ..faults import fault_point
 from ..meta import ClassifierMeta, EvalPreprocessing
 from ..metrics.classification import class_weights, predict_logits
+from ..metrics.label_issues import training_suspects
 from ..models.backbones import build_backbone
 from ..models.classifier import Classifier
 from ..runs import write_json
 from ..strategies import AUTO, STRATEGIES, WHOLE_BACKBONE, Recipe, recipe_for
 from .cached_head import SKLEARN_HEADS, train_head_on_features
 from .objective import check_multi_label_settings, objective_for
+from .schedule import epoch_loader, make_scheduler
+
+SUSPECTS_UP_TO = 20_000  # training images: the report's label check (5 logistic regressions on features) stays seconds
 
 
 def fit(cfg: ClassifyConfig, resume: bool = False, given: dict | None = None) -> dict:
@@ -63,47 +66,6 @@ def resolve_settings(cfg: ClassifyConfig) -> tuple[ClassifyConfig, Recipe]:
     return cfg, recipe
 
 
-def make_scheduler(optimizer, recipe: Recipe, phases, steps_per_epoch: int, epochs: int, start_step: int = 0):
-    """Per-step LR factors: the recipe's schedule times each phase's backbone scale. Pure functions of the step,
-    so a schedule that starts at ``start_step`` (after a prologue's epochs) is the same schedule moved on."""
-    total = max(1, epochs * steps_per_epoch)
-    warmup = int(recipe.warmup_epochs * steps_per_epoch)
-
-    def schedule(step: int) -> float:
-        if recipe.schedule == "step":
-            return 0.1 ** ((step // steps_per_epoch) // recipe.step_epochs)
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    def backbone_factor(step: int) -> float:
-        return schedule(step) * strategies.phase_at(phases, step // steps_per_epoch).backbone_lr_scale
-
-    for group in optimizer.param_groups:
-        group.setdefault("initial_lr", group["lr"])
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, [backbone_factor, schedule], last_epoch=start_step - 1)
-
-
-def epoch_loader(dataset, batch_size: int, seed: int, epoch: int, workers: int, balanced: bool = False) -> DataLoader:
-    """Shuffled (or drawn class-``balanced``) in an order that depends only on (seed, epoch): resume sees the same batches.
-
-    Under torchrun each process takes its share of that order and of the global ``batch_size``; each image's
-    augmentation is seeded by (seed, epoch, index), so N processes see the batches of one (distributed.py).
-    """
-    sampler = distributed.epoch_sampler(dataset, seed * 100_003, epoch, dataset.labels if balanced else None)
-    per_process = distributed.per_process_batch(batch_size)
-    drop_last = sampler.num_samples % per_process == 1  # a batch of one breaks BatchNorm in train mode
-    return DataLoader(
-        distributed.SeededPerSample(dataset, seed, epoch),
-        batch_size=per_process,
-        sampler=sampler,
-        drop_last=drop_last,
-        num_workers=workers,
-        persistent_workers=False,
-    )
-
-
 class ClassifyTask:
     """Classification's hooks for engine.loop.fit (see its ``Task``)."""
 
@@ -111,7 +73,7 @@ class ClassifyTask:
     clip_grad = 0.0
 
     def __init__(self, cfg: ClassifyConfig):
-        self.cfg, self.advice, self.val_features, self.frozen = cfg, None, None, None
+        self.cfg, self.advice, self.val_features, self.frozen, self.suspects = cfg, None, None, None, None
         self.feature_timing: dict[str, dict] = {}  # per split: images, seconds, images/s of a feature pass (not a cache hit)
 
     def resolve(self, cfg: ClassifyConfig) -> ClassifyConfig:
@@ -148,7 +110,7 @@ class ClassifyTask:
             backbone_lr_scale=recipe.backbone_lr_scale,
         )
         cores = len(os.sched_getaffinity(0))
-        self.cache_dir = None if str(cfg.cache_dir).lower() == "none" else Path(cfg.cache_dir or default_cache_dir())
+        self.cache_dir = cache_folder(cfg.cache_dir)  # None: no cache (--cache-dir none)
         images = dict(cache=cfg.cache_images, skip_bad=cfg.skip_bad, threads=cores, progress=progress, cache_dir=self.cache_dir)
         train_tf = classification_train(size, prep.mean, prep.std, recipe.crop_scale_min)
         start = time.perf_counter()
@@ -227,6 +189,7 @@ class ClassifyTask:
         settings = (cfg.head, cfg.batch_size, cfg.weight_decay, self.objective, cfg.seed)
         head = partial(train_head_on_features, self.model, *settings, train, val, balanced=cfg.sampler == "balanced")
         if STRATEGIES[cfg.strategy].frozen_base:  # the whole run is the head on cached features
+            self._label_check(*train)  # (staged: a resume past this phase would not have it)
             self.val_features = val[0]  # finish scores the kept head on them: no second pass over the images
             head(cfg.epochs, cfg.lr, lambda p, stats, logits: self._record(record, p, "linear (cached features)", stats, logits))
             return cfg.epochs
@@ -239,6 +202,12 @@ class ClassifyTask:
         self._record(record, first.epochs - 1, "head (cached features)", last["stats"], last["logits"])
         return first.epochs
 
+    def _label_check(self, feats: torch.Tensor, labels: torch.Tensor) -> None:
+        """The training images whose label looks wrong, from their first view's features (metrics/label_issues.py)."""
+        n, paths = len(self.train_ds), [str(p) for p in self.train_ds.paths]
+        if not self.objective.multi_label and n <= SUSPECTS_UP_TO and distributed.is_main():
+            self.suspects = training_suspects(feats[:n], labels[:n], paths, self.train_s.classes, 12, self.cfg.seed)
+
     def _features(self, dataset, views: int, seed: int, split: str):
         """Features from the frozen base, on the engine measured faster here (engine/frozen.py), through the cache."""
         cfg, prep, base = self.cfg, self.meta.preprocessing, self.model.backbone
@@ -250,7 +219,7 @@ class ClassifyTask:
         run = dict(
             desc=f"features ({split})", progress=self.progress, workers=self.workers, timing=self.feature_timing.setdefault(split, {})
         )
-        return cached_extract(self.meta.model, base, self.frozen, dataset, how, views, seed, cfg.cache_dir, **run)
+        return cached_extract(self.meta.model, base, self.frozen, dataset, how, views, seed, self.cache_dir or "none", **run)
 
     def epoch_loader(self, epoch: int) -> DataLoader:
         return epoch_loader(self.train_ds, self.cfg.batch_size, self.cfg.seed, epoch, self.workers, self.cfg.sampler == "balanced")
@@ -331,6 +300,8 @@ class ClassifyTask:
             metrics["feature_extraction"] = {"engine": self.frozen.name, **{split: t for split, t in self.feature_timing.items() if t}}
         if self.meta.advice:
             metrics["advice"] = self.meta.advice
+        if self.suspects is not None:
+            metrics["label_suspects"] = self.suspects
         write_json(out / "metrics.json", metrics)
         val_paths, cut = [str(p) for p in self.val_ds.paths], best_meta.get("thresholds")
         write_val_predictions(out / "val_predictions.json", self.val_ds.decoded, logits, labels, classes, val_paths, cut)
