@@ -1,11 +1,14 @@
-"""Multi-label on real photos: 2x2 mosaics of hymenoptera's ants and bees and Penn-Fudan's pedestrians, each labelled
-with the classes it shows (one or two of ants, bees, person); trains the given strategies, prints one JSON object
-with mAP, F1 and per-class AP/threshold.
+"""Multi-label on real photos of hymenoptera's ants and bees and Penn-Fudan's pedestrians, each image labelled with
+the classes it shows; trains the given strategies, prints one JSON object with mAP, F1 and per-class AP/threshold.
+
+Layouts: ``pair`` (the issue's set): two photos of different classes side by side (each cut to a portrait half, so
+the square image keeps both through the centre crop), labelled with both; ``mosaic``: a 2x2 mosaic of one or two
+classes (an image may show a single class).
 
 Training mosaics take their photos from hymenoptera's train/ and Penn-Fudan's first 120 images, validation mosaics
 from val/ and the last 50: no photo is in both.
 
-    python bench/multilabel.py [--strategies linear,full] [--seeds 1] [--train 400] [--val 150]
+    python bench/multilabel.py [--layout pair|mosaic] [--strategies linear,full] [--seeds 1] [--train 400] [--val 150]
 """
 
 from __future__ import annotations
@@ -33,21 +36,24 @@ def photo_pools(hymenoptera: Path, pennfudan: Path) -> dict[str, dict[str, list[
     return pools
 
 
-def build_mosaics(hymenoptera: Path, pennfudan: Path, dst: Path, n_train: int, n_val: int, seed: int = 0) -> tuple[Path, Path]:
-    """``dst/images/*.jpg`` and ``dst/labels.csv`` (path,labels,split): each mosaic shows one or two classes in its
-    four tiles (both classes at least once when two)."""
+def build_mosaics(
+    hymenoptera: Path, pennfudan: Path, dst: Path, n_train: int, n_val: int, seed: int = 0, layout: str = "mosaic"
+) -> tuple[Path, Path]:
+    """``dst/images/*.jpg`` and ``dst/labels.csv`` (path,labels,split): a mosaic shows one or two classes in its four
+    tiles (both at least once when two); a pair, two photos of two different classes."""
     rng, pools = random.Random(seed), photo_pools(hymenoptera, pennfudan)
     (dst / "images").mkdir(parents=True, exist_ok=True)
     rows = ["path,labels,split"]
     for split, count in (("train", n_train), ("val", n_val)):
         for i in range(count):
-            shown = rng.sample(CLASSES, rng.choice((1, 2)))
-            tiles = shown + [rng.choice(shown) for _ in range(4 - len(shown))]
+            shown = rng.sample(CLASSES, 2 if layout == "pair" else rng.choice((1, 2)))
+            tiles = shown + [rng.choice(shown) for _ in range(4 - len(shown))] if layout == "mosaic" else list(shown)
             rng.shuffle(tiles)
+            size = (TILE, TILE) if layout == "mosaic" else (TILE, 2 * TILE)
             mosaic = Image.new("RGB", (2 * TILE, 2 * TILE))
             for k, c in enumerate(tiles):
                 with Image.open(rng.choice(pools[split][c])) as photo:
-                    tile = ImageOps.fit(photo.convert("RGB"), (TILE, TILE))
+                    tile = ImageOps.fit(photo.convert("RGB"), size)
                 mosaic.paste(tile, (k % 2 * TILE, k // 2 * TILE))
             name = f"images/{split}_{i:04d}.jpg"
             mosaic.save(dst / name, quality=90)
@@ -60,6 +66,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hymenoptera", default=str(SHARED / "hymenoptera_data"))
     ap.add_argument("--pennfudan", default=str(SHARED / "PennFudanPed"))
+    ap.add_argument("--layout", default="pair", choices=("pair", "mosaic"))
     ap.add_argument("--strategies", default="linear,full")
     ap.add_argument("--seeds", type=int, default=1)
     ap.add_argument("--train", type=int, default=400)
@@ -71,7 +78,7 @@ def main() -> None:
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        data, labels = build_mosaics(Path(args.hymenoptera), Path(args.pennfudan), Path(tmp) / "data", args.train, args.val)
+        data, labels = build_mosaics(Path(args.hymenoptera), Path(args.pennfudan), Path(tmp) / "data", args.train, args.val, 0, args.layout)
         for strategy in args.strategies.split(","):
             for seed in range(args.seeds):
                 start = time.perf_counter()
@@ -88,7 +95,7 @@ def main() -> None:
                         "wall_seconds": round(time.perf_counter() - start, 1),
                     }
                 )
-    print(json.dumps({"benchmark": "multilabel", "train": args.train, "val": args.val, "rows": rows}, indent=1))
+    print(json.dumps({"benchmark": "multilabel", "layout": args.layout, "train": args.train, "val": args.val, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

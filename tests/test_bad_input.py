@@ -625,6 +625,53 @@ def eval_unknown_classes(t, out):
     return ["classify", "eval", str(t / "run"), "--data", str(data)], "green"
 
 
+@case()
+def eval_labels_for_a_single_label_model(t, out):
+    model_file(t / "run" / "model.safetensors")
+    data = make_class_folders(t / "data", per_class=2, splits=("val",))
+    (t / "labels.csv").write_text("path,labels\nval/red/red_0.png,red\n")
+    return ["classify", "eval", str(t / "run"), "--data", str(data), "--labels", str(t / "labels.csv")], "--labels: only for multi-label"
+
+
+@case()
+def eval_tta_unknown(t, out):
+    model_file(t / "run" / "model.safetensors")
+    return ["classify", "eval", str(t / "run"), "--data", str(t), "--tta", "crops"], "--tta: invalid choice: 'crops'"
+
+
+@case()
+def detect_eval_tta_unknown(t, out):
+    return ["detect", "eval", str(t / "run"), "--data", str(t), "--tta", "flip+crops"], "--tta: invalid choice: 'flip+crops'"
+
+
+@case()
+def labels_file_missing(t, out):
+    return train(folders(t), out, "--labels", str(t / "nope.csv")), "nope.csv: no such file"
+
+
+@case()
+def labels_file_names_a_missing_image(t, out):
+    (t / "labels.csv").write_text("path,labels,split\ntrain/red/red_0.png,red,train\ngone.png,blue,val\n")
+    return train(folders(t), out, "--labels", str(t / "labels.csv")), "labels.csv, line 3: "
+
+
+@case()
+def labels_file_without_validation(t, out):
+    (t / "labels.csv").write_text("path,labels\ntrain/red/red_0.png,red\ntrain/blue/blue_0.png,blue\n")
+    return train(folders(t), out, "--labels", str(t / "labels.csv")), "no rows with split val; pass --val-split"
+
+
+@case()
+def labels_with_val_data(t, out):
+    (t / "labels.csv").write_text("path,labels\ntrain/red/red_0.png,red\n")
+    return train(folders(t), out, "--labels", str(t / "labels.csv"), "--val-data", str(t)), "--val-data: not with --labels"
+
+
+@case()
+def threshold_not_a_number(t, out):
+    return train(folders(t), out, "--threshold", "high"), "--threshold: auto or a number between 0 and 1"
+
+
 def coco_train(root: Path, annotations: Path, out: Path) -> list[str]:
     argv = ["detect", "train", "--format", "coco", "--data", str(root), "--annotations", str(annotations), "--out", str(out)]
     return [*argv, "--overwrite", "--quiet"]

@@ -105,7 +105,9 @@ def test_a_balanced_sampler_lifts_the_minority_class_recall(head):
         model = SimpleNamespace(head=linear, forward_head=linear)
         seen = {}
         objective = SingleLabel(["a", "b"], None, 0.0)
-        train_head_on_features(model, head, 16, 0.0, objective, 0, train, val, 30, 0.05, lambda p, s, lg: seen.update(l=lg), balanced=balanced)
+        train_head_on_features(
+            model, head, 16, 0.0, objective, 0, train, val, 30, 0.05, lambda p, s, lg: seen.update(l=lg), balanced=balanced
+        )
         return (seen["l"].argmax(1)[200:] == 1).float().mean().item()
 
     plain, balanced = minority_recall(False), minority_recall(True)

@@ -19,7 +19,12 @@ def detections(boxes, scores, labels, width=100, height=50):
     masks = torch.zeros(len(boxes), 1, height, width)
     for k, (x1, y1, x2, y2) in enumerate(boxes.int().tolist()):
         masks[k, 0, y1:y2, x1:x2] = 1.0
-    return {"boxes": boxes, "scores": torch.tensor(scores, dtype=torch.float), "labels": torch.tensor(labels, dtype=torch.long), "masks": masks}
+    return {
+        "boxes": boxes,
+        "scores": torch.tensor(scores, dtype=torch.float),
+        "labels": torch.tensor(labels, dtype=torch.long),
+        "masks": masks,
+    }
 
 
 def test_unflip_moves_boxes_and_masks_back_to_the_original_image():

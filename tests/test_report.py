@@ -15,7 +15,8 @@ from conftest import make_class_folders, make_image
 from PIL import Image
 
 from visiontune.cli import main
-from visiontune.report import gallery_order, write_report, write_val_predictions
+from visiontune.report import write_report
+from visiontune.visualize import gallery_order, write_val_predictions
 
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = [
@@ -34,7 +35,7 @@ PROBE = """<script>window.addEventListener('load', () => { const im = [...docume
 document.body.setAttribute('data-probe', JSON.stringify({images: im.length,
   decoded: im.filter(i => i.complete && i.naturalWidth > 0).length,
   curves: document.querySelectorAll('img.curves').length,
-  gallery: document.querySelectorAll('.gallery figure img').length})); });</script>"""
+  gallery: document.querySelectorAll('.gallery:not(.suspects) figure img').length})); });</script>"""
 
 
 def chromium() -> str:

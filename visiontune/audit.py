@@ -18,9 +18,7 @@ go unseen. Another backbone, or a large set (more distinct pairs come close), ma
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 import logging
 import os
@@ -42,6 +40,7 @@ from .engine.runtime import use_bf16
 from .errors import UserError
 from .metrics.label_issues import class_thresholds, label_rows, out_of_fold
 from .models.backbones import build_backbone
+from .visualize import thumbnail_jpeg
 
 log = logging.getLogger("visiontune")
 DEFAULT_MODEL = ClassifyConfig.model
@@ -239,11 +238,8 @@ def duplicate_pairs(xt, pt, xv, pv, threshold: float) -> tuple[list[dict], dict]
 
 
 def _thumbnail(path: str) -> str:
-    im = load_rgb(path, THUMBNAIL_PX)
-    im.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
-    buf = io.BytesIO()
-    im.save(buf, format="JPEG", quality=80)
-    return f'<img alt="{html.escape(path)}" src="data:image/jpeg;base64,{base64.b64encode(buf.getvalue()).decode("ascii")}">'
+    b64 = thumbnail_jpeg(load_rgb(path, THUMBNAIL_PX), THUMBNAIL_PX)
+    return f'<img alt="{html.escape(path)}" src="data:image/jpeg;base64,{b64}">'
 
 
 def _html(rows: list[dict], pairs: list[dict], top: int, summary: dict) -> str:

@@ -4,7 +4,7 @@
 
 - ``config.yaml`` (the settings), ``log.jsonl`` (one line per epoch: the curves), ``metrics.json``;
 - classification: ``metrics.json`` per-class metrics and confusion matrix, and ``val_predictions.json``
-  (written by ``write_val_predictions`` at the end of training) for the gallery, mistakes first;
+  (written by ``visualize.write_val_predictions`` at the end of training) for the gallery, mistakes first;
 - detection (the model file's metadata, or ``metrics.json``, says ``"task": "detection"``): the COCO numbers
   (``bbox_AP``, ``segm_AP50``, ... and ``per_class``), and the rendered predictions beside the ground truth:
   the images in ``RUN/gallery/``, or failing that the PNGs at the top of the run directory.
@@ -20,60 +20,10 @@ import math
 from datetime import datetime
 from pathlib import Path
 
-import torch
-
 from .checkpoint import atomic_write_text
-from .metrics.classification import decisions
+from .visualize import thumbnail_jpeg
 
-GALLERY_SIZE = 48  # validation images shown (mistakes first); the JSON keeps every prediction
-THUMBNAIL_PX = 160
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-
-
-# ------------------------------------------------------------------------------ data written during training
-
-
-def gallery_order(labels: list[int], preds: list[int], confidences: list[float]) -> list[int]:
-    """Mistakes first (the most confident mistakes on top), then correct ones, least confident first."""
-    wrong = [i for i in range(len(labels)) if preds[i] != labels[i]]
-    right = [i for i in range(len(labels)) if preds[i] == labels[i]]
-    return sorted(wrong, key=lambda i: -confidences[i]) + sorted(right, key=lambda i: confidences[i])
-
-
-def _thumbnail_jpeg(image: torch.Tensor) -> str:
-    """A uint8 CHW tensor as a small base64 JPEG."""
-    from PIL import Image
-
-    im = Image.fromarray(image.permute(1, 2, 0).contiguous().numpy())
-    im.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
-    buf = io.BytesIO()
-    im.save(buf, format="JPEG", quality=85)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def write_val_predictions(
-    path: Path,
-    image_at,
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    classes: list[str],
-    paths: list[str] | None = None,
-    thresholds: list[float] | None = None,
-) -> None:
-    """Every validation prediction, in gallery order, with thumbnails for the first ``GALLERY_SIZE``
-    (``image_at(i)``: validation image ``i`` as uint8 CHW; only those are read). ``thresholds``: multi-label."""
-    answers = decisions(logits, labels, classes, thresholds)
-    order = gallery_order([a["true"] for a in answers], [a["predicted"] for a in answers], [a["confidence"] for a in answers])
-    items = []
-    for rank, i in enumerate(order):
-        a = answers[i]
-        item = {"index": i, **a, "confidence": round(a["confidence"], 6), "probabilities": [round(p, 6) for p in a["probabilities"]]}
-        if paths is not None:
-            item["path"] = str(paths[i])
-        if rank < GALLERY_SIZE:
-            item["thumbnail_jpeg"] = _thumbnail_jpeg(image_at(i))
-        items.append(item)
-    atomic_write_text(path, json.dumps({"classes": classes, "items": items}) + "\n")
 
 
 # ------------------------------------------------------------------------------ reading the run
@@ -232,15 +182,13 @@ def _per_class(metrics: dict) -> str:
 
 def _label_suspects(rows: list[dict]) -> str:
     """The training images whose given label a cross-validated model on their features finds least likely."""
-    from torchvision.transforms.v2.functional import pil_to_tensor
-
     from .data.images import BadImage, load_rgb
 
     cards = []
     for r in rows:
         name = Path(r["path"]).name
         try:
-            picture = _img(_thumbnail_jpeg(pil_to_tensor(load_rgb(r["path"], THUMBNAIL_PX))), name, "image/jpeg")
+            picture = _img(thumbnail_jpeg(load_rgb(r["path"], 160)), name, "image/jpeg")
         except (BadImage, OSError):  # moved or deleted since training
             picture = ""
         cards.append(
@@ -251,7 +199,7 @@ def _label_suspects(rows: list[dict]) -> str:
     return (
         "<p>Out-of-fold probabilities of a logistic regression on the frozen features (the least likely given labels "
         "first; red: a suspect by confident learning). <code>visiontune classify audit</code> checks every image and "
-        f'finds near duplicates.</p><div class="gallery">{"".join(cards)}</div>'
+        f'finds near duplicates.</p><div class="gallery suspects">{"".join(cards)}</div>'
     )
 
 

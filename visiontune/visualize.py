@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import io
+import json
 from pathlib import Path
 
 import matplotlib
@@ -10,6 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from .checkpoint import atomic_write_text  # noqa: E402
 from .metrics.classification import decisions  # noqa: E402
 
 
@@ -114,3 +118,52 @@ def detection_predictions_png(path: Path, records: list, outputs: list[dict], cl
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
+
+
+# ------------------------------------------------------------------------------ the report's gallery, written in training
+
+GALLERY_SIZE = 48  # validation images shown (mistakes first); the JSON keeps every prediction
+THUMBNAIL_PX = 160
+
+
+def gallery_order(labels: list[int], preds: list[int], confidences: list[float]) -> list[int]:
+    """Mistakes first (the most confident mistakes on top), then correct ones, least confident first."""
+    wrong = [i for i in range(len(labels)) if preds[i] != labels[i]]
+    right = [i for i in range(len(labels)) if preds[i] == labels[i]]
+    return sorted(wrong, key=lambda i: -confidences[i]) + sorted(right, key=lambda i: confidences[i])
+
+
+def thumbnail_jpeg(image, px: int = THUMBNAIL_PX) -> str:
+    """A uint8 CHW tensor (or a PIL image) as a small base64 JPEG."""
+    from PIL import Image
+
+    im = Image.fromarray(image.permute(1, 2, 0).contiguous().numpy()) if isinstance(image, torch.Tensor) else image.copy()
+    im.thumbnail((px, px))
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=85)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def write_val_predictions(
+    path: Path,
+    image_at,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    classes: list[str],
+    paths: list[str] | None = None,
+    thresholds: list[float] | None = None,
+) -> None:
+    """Every validation prediction, in gallery order, with thumbnails for the first ``GALLERY_SIZE``
+    (``image_at(i)``: validation image ``i`` as uint8 CHW; only those are read). ``thresholds``: multi-label."""
+    answers = decisions(logits, labels, classes, thresholds)
+    order = gallery_order([a["true"] for a in answers], [a["predicted"] for a in answers], [a["confidence"] for a in answers])
+    items = []
+    for rank, i in enumerate(order):
+        a = answers[i]
+        item = {"index": i, **a, "confidence": round(a["confidence"], 6), "probabilities": [round(p, 6) for p in a["probabilities"]]}
+        if paths is not None:
+            item["path"] = str(paths[i])
+        if rank < GALLERY_SIZE:
+            item["thumbnail_jpeg"] = thumbnail_jpeg(image_at(i))
+        items.append(item)
+    atomic_write_text(path, json.dumps({"classes": classes, "items": items}) + "\n")

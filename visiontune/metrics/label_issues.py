@@ -10,28 +10,47 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-# on unit-length features C=1 gives soft probabilities: with 10 flipped labels in hymenoptera (5 seeds), C=10 flagged 42
-# of the 50 as suspects (49 flags in all), C=1 35 (36); the top-20 ranking held 46-49 of 50 for any C from 0.1 to 100
+# on unit-length features C=1 gives soft probabilities: with 10 flipped labels in hymenoptera (5 seeds, scikit-learn's
+# fit), C=10 flagged 42 of the 50 as suspects (49 flags in all), C=1 35 (36); the top-20 ranking held 46-49 of 50 for
+# any C from 0.1 to 100. The torch fit below, bench/audit.py seed 0: all 10 flagged and in the top 12, 13 flags in all.
 LOGREG_C = 10.0
 
 
 def out_of_fold(x: np.ndarray, y: np.ndarray, n_classes: int, folds: int, seed: int, val_x: np.ndarray | None = None):
-    """(train probabilities, each from a fit that did not see the image; val probabilities from a fit on all of train)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold
-
-    def fitted(idx):
-        return LogisticRegression(C=LOGREG_C, max_iter=2000).fit(x[idx], y[idx])
-
-    probs = np.zeros((len(y), n_classes))
-    for fit_idx, held in StratifiedKFold(folds, shuffle=True, random_state=seed).split(x, y):
-        m = fitted(fit_idx)
-        probs[np.ix_(held, m.classes_)] = m.predict_proba(x[held])
-    val_probs = np.zeros((0 if val_x is None else len(val_x), n_classes))
+    """(train probabilities, each from a fit that did not see the image; val probabilities from a fit on all of train).
+    Folds are stratified: each class's images, shuffled by ``seed``, are dealt out in turn."""
+    x_t, y_t = torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.long)
+    g = torch.Generator().manual_seed(seed)
+    fold = torch.empty(len(y_t), dtype=torch.long)
+    for c in range(n_classes):
+        members = (y_t == c).nonzero().flatten()
+        fold[members[torch.randperm(len(members), generator=g)]] = torch.arange(len(members)) % folds
+    probs = torch.zeros(len(y_t), n_classes)
+    for k in range(folds):
+        held = fold == k
+        probs[held] = logistic_regression(x_t[~held], y_t[~held], n_classes)(x_t[held])
+    val_probs = torch.zeros(0 if val_x is None else len(val_x), n_classes)
     if len(val_probs):
-        m = fitted(np.arange(len(y)))
-        val_probs[:, m.classes_] = m.predict_proba(val_x)
-    return probs, val_probs
+        val_probs = logistic_regression(x_t, y_t, n_classes)(torch.as_tensor(val_x, dtype=torch.float32))
+    return probs.numpy(), val_probs.numpy()
+
+
+def logistic_regression(x: torch.Tensor, y: torch.Tensor, n_classes: int, c: float = LOGREG_C):
+    """Multinomial logistic regression (the sum of log-losses + ||W||^2 / 2C, bias free), fitted by L-BFGS in torch:
+    5 fits on 244 x 1280 features take 0.15 s, where importing scikit-learn alone takes 0.7 s of a 6-s linear run."""
+    w = torch.zeros(x.shape[1], n_classes, requires_grad=True)
+    b = torch.zeros(n_classes, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=100, tolerance_grad=1e-5, history_size=20, line_search_fn="strong_wolfe")
+
+    def loss():
+        opt.zero_grad()
+        value = torch.nn.functional.cross_entropy(x @ w + b, y, reduction="sum") + (w * w).sum() / (2 * c)
+        value.backward()
+        return value
+
+    opt.step(loss)
+    w, b = w.detach(), b.detach()
+    return lambda z: (z @ w + b).softmax(1)
 
 
 def class_thresholds(probs: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:

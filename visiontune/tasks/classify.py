@@ -260,8 +260,8 @@ class ClassifyTask:
 
     def finish(self, out: Path, state) -> dict:
         """Reload the best model, write metrics.json, the pictures and report.html."""
-        from ..report import write_report, write_val_predictions
-        from ..visualize import confusion_matrix_png, prediction_grid_png
+        from ..report import write_report
+        from ..visualize import confusion_matrix_png, prediction_grid_png, write_val_predictions
 
         cfg, classes = self.cfg, self.train_s.classes
         best_sd, best_meta = ckpt.load_model_file(out / "model.safetensors")
