@@ -168,3 +168,19 @@ def test_streamed_features_equal_in_ram_features_for_any_worker_count(tmp_path):
     a, ya = F.extract(TorchForward(backbone), in_ram, views=2, seed=3, progress=False)
     b, yb = F.extract(TorchForward(backbone), streamed, views=2, seed=3, progress=False, workers=2)
     assert a.shape == (16, 8) and torch.equal(ya, yb) and torch.equal(a, b)
+
+
+def test_a_run_without_cache_dir_uses_the_default_cache(tmp_path, monkeypatch, caplog):
+    """Unset --cache-dir means the default folder ($VISIONTUNE_CACHE here), not "none": the second run reads the
+    features the first one wrote, and --cache-dir none writes nothing."""
+    monkeypatch.setenv("VISIONTUNE_CACHE", str(tmp_path / "default-cache"))
+    caplog.set_level(logging.INFO, logger="visiontune")
+    data = make_class_folders(tmp_path / "data", per_class=3)
+    tiny = ["--model", "timm:test_efficientnet", "--weights", "none", "--image-size", "64", "--epochs", "1", "--quiet", "--engine", "torch"]
+    for i in range(2):
+        assert main(["classify", "train", "--data", str(data), "--out", str(tmp_path / f"run{i}"), *tiny]) == 0
+    assert len(list((tmp_path / "default-cache").glob("*.safetensors"))) == 2  # train and val features
+    assert caplog.text.count("features from cache") == 2  # the second run read both
+    monkeypatch.setenv("VISIONTUNE_CACHE", str(tmp_path / "unused"))
+    assert main(["classify", "train", "--data", str(data), "--out", str(tmp_path / "run2"), *tiny, "--cache-dir", "none"]) == 0
+    assert not (tmp_path / "unused").exists() or not list((tmp_path / "unused").glob("*.safetensors"))

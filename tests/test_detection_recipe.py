@@ -1,0 +1,42 @@
+"""Detection recipe options: --schedule step|cosine and --scale-jitter (multi-scale training, evaluation at one size)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from visiontune.config import DetectConfig
+from visiontune.errors import UserError
+from visiontune.models.detection import build_detector
+from visiontune.tasks.detect import lr_factor, set_scales
+
+
+def test_the_step_schedule_is_the_tutorials_and_cosine_decays_to_zero_after_the_same_warm_up():
+    steps, epochs = 10, 4
+    step = [lr_factor(s, steps, 3) for s in range(steps * epochs)]
+    cosine = [lr_factor(s, steps, 3, "cosine", epochs) for s in range(steps * epochs)]
+    assert step[0] == cosine[0] == pytest.approx(0.001) and step[9] == cosine[9] == pytest.approx(1.0)  # warm-up: 9 steps
+    assert step[29] == 1.0 and step[30] == pytest.approx(0.1)  # /10 after --lr-step 3 epochs
+    assert cosine[9 + (40 - 9) // 2] == pytest.approx(0.5 * (1 + math.cos(math.pi * 15 / 31)))
+    assert all(a >= b for a, b in zip(cosine[9:], cosine[10:])) and cosine[-1] < 0.01
+
+
+def test_scale_jitter_draws_training_sizes_around_min_size_and_evaluates_at_min_size():
+    model = build_detector("maskrcnn", 2, backbone_weights="none", min_size=320, max_size=512)
+    cfg = DetectConfig(min_size=320, max_size=512, scale_jitter=0.25)
+    set_scales(model, cfg, train=True)
+    assert model.transform.min_size == (240, 267, 293, 320, 347, 373, 400) and model.transform.max_size == 640
+    set_scales(model, cfg, train=False)
+    assert model.transform.min_size == (320,) and model.transform.max_size == 512
+    model.eval()
+    images, _ = model.transform([torch.rand(3, 200, 300)])
+    assert images.image_sizes == [(320, 480)]  # the shorter side at --min-size, as without jitter
+
+
+def test_bad_schedule_and_jitter_are_one_line():
+    with pytest.raises(UserError, match="--schedule: unknown schedule 'linear'"):
+        DetectConfig(schedule="linear").validate()
+    with pytest.raises(UserError, match=r"--scale-jitter: must be in \[0, 1\), got 1.5"):
+        DetectConfig(scale_jitter=1.5).validate()
