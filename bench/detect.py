@@ -158,6 +158,8 @@ def main() -> None:
     ap.add_argument("--min-size", type=int, default=320)
     ap.add_argument("--max-size", type=int, default=512)
     ap.add_argument("--lr-step", type=int, default=DetectConfig.lr_step, help="StepLR step (epochs), both loops")
+    ap.add_argument("--schedule", default=DetectConfig.schedule, help="visiontune's LR schedule: step or cosine")
+    ap.add_argument("--scale-jitter", type=float, default=DetectConfig.scale_jitter, help="visiontune's multi-scale training")
     ap.add_argument("--precision", default=DetectConfig.precision, help="visiontune's training precision (the tutorial loop: fp32)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="16 images, 1 epoch, 160-224 px: a few minutes")
@@ -185,6 +187,8 @@ def main() -> None:
         min_size=args.min_size,
         max_size=args.max_size,
         lr_step=args.lr_step,
+        schedule=args.schedule,
+        scale_jitter=args.scale_jitter,
         precision=args.precision,
         seed=args.seed,
         quiet=True,
@@ -219,6 +223,8 @@ def main() -> None:
         "max_size": cfg.max_size,
         "epochs": cfg.epochs,
         "lr_step": cfg.lr_step,
+        "schedule": cfg.schedule,
+        "scale_jitter": cfg.scale_jitter,
         "batch_size": cfg.batch_size,
         "lr": cfg.lr,
         "clip_grad": cfg.clip_grad,

@@ -188,7 +188,17 @@ class DetectConfig:
     lr: float = setting(0.005, "SGD learning rate (warm-up in the first epoch)")
     momentum: float = setting(0.9, "SGD momentum")
     weight_decay: float = setting(5e-4, "weight decay")
-    lr_step: int = setting(3, "divide the learning rate by 10 every N epochs")
+    lr_step: int = setting(3, "--schedule step: divide the learning rate by 10 every N epochs")
+    schedule: str = setting(
+        "step",
+        "step (the tutorial's: warm-up in the first epoch, then /10 every --lr-step epochs) or cosine (the same "
+        "warm-up, then a cosine decay to 0 at the last epoch)",
+    )
+    scale_jitter: float = setting(
+        0.0,
+        "multi-scale training: each training batch resized to --min-size (and --max-size) times a factor in "
+        "[1 - J, 1 + J]; evaluation stays at --min-size (0: off)",
+    )
     clip_grad: float = setting(5.0, "clip the gradient norm to this (0: off); heads that start from scratch need it")
     precision: str = setting(
         "auto",
@@ -227,6 +237,9 @@ class DetectConfig:
         _check_range("--val-last", self.val_last, 1, 10**7)
         _check_range("--rois-per-image", self.rois_per_image, 1, 4096)
         _check_range("--patience", self.patience, 0, 10_000)
+        _check_choice("--schedule", self.schedule, ("step", "cosine"))
+        if not 0.0 <= self.scale_jitter < 1.0:
+            raise UserError(f"--scale-jitter: must be in [0, 1), got {self.scale_jitter}")
         _check_choice("--monitor", self.monitor, DETECT_MONITORS)
         _check_choice("--precision", self.precision, ("auto", "bf16", "fp32"))
         if self.max_size < self.min_size:

@@ -9,6 +9,7 @@ keeps heads trained from scratch from diverging. Validation is COCO bbox (and se
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -44,11 +45,16 @@ def resolve_model_name(model: str, has_masks: bool) -> str:
     raise UserError(f"--model {model}: the annotations have boxes only (no segmentation); use --model {model.replace('mask', 'faster')}")
 
 
-def lr_factor(step: int, steps_per_epoch: int, lr_step: int) -> float:
-    """The tutorial's schedule per step: linear warm-up over the first epoch (from 1/1000), then StepLR(lr_step, 0.1)."""
+def lr_factor(step: int, steps_per_epoch: int, lr_step: int, schedule: str = "step", epochs: int = 1) -> float:
+    """Per step: linear warm-up over the first epoch (from 1/1000), then the tutorial's StepLR(lr_step, 0.1), or a
+    cosine decay from the end of the warm-up to 0 at the end of the last epoch."""
     warmup = min(1000, steps_per_epoch - 1)
     epoch = step // steps_per_epoch
-    factor = 0.1 ** (epoch // lr_step)
+    if schedule == "cosine":
+        progress = max(0, step - warmup) / max(1, epochs * steps_per_epoch - warmup)
+        factor = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    else:
+        factor = 0.1 ** (epoch // lr_step)
     if step < warmup:
         alpha = step / warmup
         factor *= 0.001 * (1 - alpha) + alpha
@@ -72,6 +78,18 @@ def evaluate_sharded(model, records, classes: list[str], has_masks: bool, device
     fault_point("validate")
     results = [r for _, part in parts for r in part]
     return {**coco_metrics(records, results, classes, has_masks), "val_images": sum(n for n, _ in parts)}
+
+
+def set_scales(model, cfg: DetectConfig, train: bool) -> None:
+    """The sizes the model resizes images to: with --scale-jitter in training, one of seven scales around --min-size
+    (torchvision's transform draws one per batch), the longest side allowed to grow alike; else --min-size."""
+    transform = model.transform
+    if not train or cfg.scale_jitter == 0:
+        transform.min_size, transform.max_size = (cfg.min_size,), cfg.max_size
+        return
+    factors = [1 - cfg.scale_jitter + 2 * cfg.scale_jitter * k / 6 for k in range(7)]
+    transform.min_size = tuple(round(cfg.min_size * f) for f in factors)
+    transform.max_size = round(cfg.max_size * (1 + cfg.scale_jitter))
 
 
 class DetectTask:
@@ -136,7 +154,7 @@ class DetectTask:
         for group in optimizer.param_groups:
             group.setdefault("initial_lr", group["lr"])
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: lr_factor(s, steps, cfg.lr_step), last_epoch=start_epoch * steps - 1
+            optimizer, lambda s: lr_factor(s, steps, cfg.lr_step, cfg.schedule, cfg.epochs), last_epoch=start_epoch * steps - 1
         )
         return optimizer, scheduler, steps
 
@@ -150,7 +168,7 @@ class DetectTask:
         return epoch_batches(self.train_ds, self.cfg.batch_size, self.cfg.seed, epoch, self.workers)
 
     def before_epoch(self, epoch: int) -> None:
-        pass
+        set_scales(self.model, self.cfg, train=True)
 
     def forward(self, model, batch, device):
         images, targets = batch
@@ -169,6 +187,7 @@ class DetectTask:
         }
 
     def validate(self, epoch: int, stats: dict, record) -> None:
+        set_scales(self.model, self.cfg, train=False)
         m = evaluate_sharded(self.model, self.val_records, self.data.classes, self.has_masks, self.device)
         overall = {k: v for k, v in m.items() if k != "per_class"}
         shown = "  ".join(f"{k} {m[k]:.3f}" for k in m if k.endswith(("_AP", "_AP50")))
@@ -184,6 +203,7 @@ class DetectTask:
         cfg, data = self.cfg, self.data
         best_sd, _ = ckpt.load_model_file(out / "model.safetensors")
         self.model.load_state_dict(best_sd)
+        set_scales(self.model, cfg, train=False)
         m, outputs = evaluate_model(self.model, self.val_records, data.classes, self.has_masks, self.device)
         train_seconds = state.history[-1]["elapsed_seconds"] if state.history else 0.0
         metrics = {"task": "detection", **{k: m[k] for k in m if k != "per_class"}}
