@@ -17,6 +17,7 @@ __all__ = [
     "fit",
     "evaluate",
     "predict",
+    "audit",
     "build_detector",
     "fit_detector",
 ]
@@ -37,10 +38,18 @@ def fit(cfg: ClassifyConfig, resume: bool = False) -> dict:
     return _fit(cfg, resume=resume)
 
 
-def evaluate(run: str, data: str) -> dict:
+def evaluate(run: str, data: str, labels: str | None = None) -> dict:
+    """Accuracy and per-class metrics of a run on ``data`` (a multi-label run: mAP and F1 on ``labels``)."""
     from .inference.classify import evaluate as _evaluate
 
-    return _evaluate(run, data)
+    return _evaluate(run, data, labels=labels)
+
+
+def audit(data: str, **options) -> dict:
+    """Label suspects and near-duplicate pairs of ``data`` (``visiontune classify audit``); writes the audit files."""
+    from .audit import audit as _audit
+
+    return _audit(data, **options)
 
 
 def predict(run: str, inputs: list[str], topk: int = 3) -> list[dict]:
