@@ -88,6 +88,9 @@ def test_a_linear_head_learns_which_colours_each_image_holds(trained, capsys):
     assert main(["classify", "eval", str(run), "--data", str(data), "--labels", str(labels), "--engine", "torch"]) == 0
     again = json.loads(capsys.readouterr().out)
     assert again["mAP"] == pytest.approx(m["mAP"], abs=1e-6) and again["f1_micro"] == pytest.approx(m["f1_micro"], abs=1e-6)
+    import visiontune as vt
+
+    assert vt.evaluate(str(run), str(data), labels=str(labels))["mAP"] == pytest.approx(m["mAP"], abs=1e-4)  # the API, any engine
 
 
 def test_predict_names_every_label_above_its_threshold_also_from_the_onnx_export(trained, capsys, tmp_path):
