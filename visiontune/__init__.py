@@ -38,11 +38,12 @@ def fit(cfg: ClassifyConfig, resume: bool = False) -> dict:
     return _fit(cfg, resume=resume)
 
 
-def evaluate(run: str, data: str, labels: str | None = None) -> dict:
-    """Accuracy and per-class metrics of a run on ``data`` (a multi-label run: mAP and F1 on ``labels``)."""
+def evaluate(run: str, data: str, labels: str | None = None, tta: str = "none") -> dict:
+    """Accuracy and per-class metrics of a run on ``data`` (a multi-label run: mAP and F1 on ``labels``);
+    ``tta``: none, flip or flip+crops."""
     from .inference.classify import evaluate as _evaluate
 
-    return _evaluate(run, data, labels=labels)
+    return _evaluate(run, data, labels=labels, tta=tta)
 
 
 def audit(data: str, **options) -> dict:
@@ -52,10 +53,10 @@ def audit(data: str, **options) -> dict:
     return _audit(data, **options)
 
 
-def predict(run: str, inputs: list[str], topk: int = 3) -> list[dict]:
+def predict(run: str, inputs: list[str], topk: int = 3, tta: str = "none") -> list[dict]:
     from .inference.classify import predict as _predict
 
-    return _predict(run, inputs, topk=topk)
+    return _predict(run, inputs, topk=topk, tta=tta)
 
 
 def build_detector(*args, **kwargs):
