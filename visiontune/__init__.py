@@ -17,7 +17,6 @@ __all__ = [
     "fit",
     "evaluate",
     "predict",
-    "audit",
     "build_detector",
     "fit_detector",
 ]
@@ -44,13 +43,6 @@ def evaluate(run: str, data: str, labels: str | None = None, tta: str = "none") 
     from .inference.classify import evaluate as _evaluate
 
     return _evaluate(run, data, labels=labels, tta=tta)
-
-
-def audit(data: str, **options) -> dict:
-    """Label suspects and near-duplicate pairs of ``data`` (``visiontune classify audit``); writes the audit files."""
-    from .audit import audit as _audit
-
-    return _audit(data, **options)
 
 
 def predict(run: str, inputs: list[str], topk: int = 3, tta: str = "none") -> list[dict]:
