@@ -88,6 +88,10 @@ def test_a_linear_head_learns_which_colours_each_image_holds(trained, capsys):
     assert main(["classify", "eval", str(run), "--data", str(data), "--labels", str(labels), "--engine", "torch"]) == 0
     again = json.loads(capsys.readouterr().out)
     assert again["mAP"] == pytest.approx(m["mAP"], abs=1e-6) and again["f1_micro"] == pytest.approx(m["f1_micro"], abs=1e-6)
+    val_only = labels.with_name("val_only.csv")  # eval reads a file of val rows alone, in the model's classes
+    val_only.write_text("".join(line for line in labels.read_text().splitlines(True) if not line.rstrip().endswith(",train")))
+    assert main(["classify", "eval", str(run), "--data", str(data), "--labels", str(val_only), "--engine", "torch"]) == 0
+    assert json.loads(capsys.readouterr().out)["mAP"] == pytest.approx(m["mAP"], abs=1e-6)
     import visiontune as vt
 
     assert vt.evaluate(str(run), str(data), labels=str(labels))["mAP"] == pytest.approx(m["mAP"], abs=1e-4)  # the API, any engine

@@ -37,8 +37,9 @@ def multi_hot(labels: tuple[int, ...], num_classes: int) -> torch.Tensor:
     return target
 
 
-def read_label_file(labels: str | Path, data: str | Path, what: str = "--labels") -> LabelRows:
-    """The rows of ``labels``, their images under ``data``, as (path, class indices) sorted by path."""
+def read_label_file(labels: str | Path, data: str | Path, what: str = "--labels", classes: list[str] | None = None) -> LabelRows:
+    """The rows of ``labels``, their images under ``data``, as (path, class indices) sorted by path. Classes are the
+    training rows' labels, or ``classes`` (a trained model's: then every row may be split=val, as for eval)."""
     labels, data = Path(labels), Path(data)
     if not data.is_dir():
         raise UserError(f"--data: {data}: not a directory (with --labels, the folder the label file's paths start from)")
@@ -57,14 +58,16 @@ def read_label_file(labels: str | Path, data: str | Path, what: str = "--labels"
             raise UserError(f"{what}: {labels}, lines {seen[str(image)]} and {line}: the same image twice ({image})")
         seen[str(image)] = line
         (val if split == "val" else train).append((image, _names(record.get("labels"), where)))
-    if not train:
+    if not train and classes is None:
         raise UserError(f"{what}: {labels}: no training rows (expected a header and rows of path,labels[,split])")
-    classes = sorted({name for _, names in train for name in names})
+    given = classes is not None
+    classes = classes if given else sorted({name for _, names in train for name in names})
     if not classes:
         raise UserError(f"{what}: {labels}: no training row has a label")
-    unknown = sorted({name for _, names in val for name in names} - set(classes))
+    unknown = sorted({name for _, names in train + val for name in names} - set(classes))
     if unknown:
-        raise UserError(f"{what}: {labels}: label {unknown[0]!r} has no training rows (only split=val ones)")
+        why = f"is not a class of the model ({', '.join(classes)})" if given else "has no training rows (only split=val ones)"
+        raise UserError(f"{what}: {labels}: label {unknown[0]!r} {why}")
     index = {name: i for i, name in enumerate(classes)}
     items = [sorted(((p, tuple(sorted(index[n] for n in names))) for p, names in rows), key=path_key) for rows in (train, val)]
     return LabelRows(items[0], items[1] if has_split else None, classes)

@@ -84,8 +84,8 @@ def _labelled(data: Path, labels: str | None, meta: ClassifierMeta) -> Samples:
         raise UserError(
             "--labels: this model is multi-label; pass its label file" if meta.multi_label else "--labels: only for multi-label models"
         )
-    if labels:
-        rows = read_label_file(labels, data)
+    if labels:  # the model's classes: a file of val rows alone reads too
+        rows = read_label_file(labels, data, classes=meta.classes)
         samples = Samples(rows.val if rows.val else rows.train, rows.classes)
     else:
         samples = _single_labelled(data)
