@@ -84,17 +84,14 @@ def _labelled(data: Path, labels: str | None, meta: ClassifierMeta) -> Samples:
         raise UserError(
             "--labels: this model is multi-label; pass its label file" if meta.multi_label else "--labels: only for multi-label models"
         )
-    if labels:  # the model's classes: a file of val rows alone reads too
+    if labels:  # read in the model's classes (a file of val rows alone reads too): no remapping
         rows = read_label_file(labels, data, classes=meta.classes)
-        samples = Samples(rows.val if rows.val else rows.train, rows.classes)
-    else:
-        samples = _single_labelled(data)
+        return Samples(rows.val if rows.val else rows.train, meta.classes)
+    samples = _single_labelled(data)
     unknown = sorted(set(samples.classes) - set(meta.classes))
     if unknown:
         raise UserError(f"--data: classes the model does not know: {', '.join(unknown)} (it knows {', '.join(meta.classes)})")
     remap = [meta.classes.index(c) for c in samples.classes]
-    if labels:
-        return Samples([(p, tuple(sorted(remap[k] for k in y))) for p, y in samples.items], meta.classes)
     return Samples([(p, remap[y]) for p, y in samples.items], meta.classes)
 
 
