@@ -12,6 +12,11 @@
     python bench/detect.py --quick                                           # a few minutes
     python bench/detect.py --epochs 3 --lr-step 2 --seed 1                   # both loops: LR / 10 after epoch 2
     python bench/detect.py --epochs 5 --lr-step 4 --skip-baseline --tta      # + the run's val AP with --tta flip
+    python bench/detect.py --budget 10 --seeds 0,1,2                         # recipes at a time budget: ~1 hour
+
+--budget MINUTES (issue 16) trains each recipe of --recipes per seed for that long (train + validation of every
+epoch, as --time-budget counts it) and prints per-epoch and final AP, and their means over the seeds; per-run
+lines go to stderr as they finish. The tutorial recipe there runs as many epochs as fit (its StepLR /10 every 3).
 
 At 3 epochs AP moves by up to 0.08 from one seed to the next (either loop): compare means over several seeds.
 """
@@ -39,7 +44,7 @@ from visiontune.engine.runtime import use_bf16
 from visiontune.inference.detect import predict_run
 from visiontune.metrics.coco import evaluate_model
 from visiontune.models.detection import build_detector
-from visiontune.tasks.detect import fit
+from visiontune.tasks.detect import fit, resolve_settings
 
 REPO = Path(__file__).resolve().parents[1]
 AP_KEYS = ("bbox_AP", "bbox_AP50", "bbox_AP75", "segm_AP", "segm_AP50", "segm_AP75")
@@ -138,7 +143,55 @@ def tta_comparison(run: Path, cfg: DetectConfig) -> dict:
     return out
 
 
-# --------------------------------------------------------------------------------------------- main
+EPOCH_KEYS = ("epoch", "train_loss", "loss_mask", *AP_KEYS, "train_seconds", "elapsed_seconds")
+
+
+def epoch_rows(log: list[dict]) -> list[dict]:
+    return [{k: round(e[k], 4) if isinstance(e[k], float) else e[k] for k in EPOCH_KEYS} for e in log]
+
+
+def budget_comparison(args, data: Path, work: Path) -> dict:
+    """Issue 16's --budget mode: each recipe trains and validates for ``args.budget`` minutes (--time-budget; the
+    tutorial's schedule may run as many epochs as fit), per seed; per-epoch and final AP, and the mean over seeds."""
+    out = {"benchmark": "detect_budget", "budget_minutes": args.budget, "seeds": args.seeds, "copy_paste": args.copy_paste, "recipes": {}}
+    for recipe in args.recipes.split(","):
+        runs = []
+        for seed in args.seeds:
+            run = work / f"{recipe}-{seed}"
+            cfg = DetectConfig(
+                data=str(data),
+                out=str(run),
+                val_last=args.val_last,
+                recipe=recipe,
+                epochs=None if recipe == "default" else 1000,
+                time_budget=args.budget,
+                copy_paste=args.copy_paste,
+                min_size=args.min_size,
+                max_size=args.max_size,
+                seed=seed,
+                quiet=True,
+            )
+            load_before = load_average()
+            metrics = fit(cfg)
+            log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+            final = {k: round(metrics[k], 4) for k in AP_KEYS}
+            runs.append(
+                {
+                    "seed": seed,
+                    "epochs": metrics["epochs"],
+                    "best_epoch": metrics["best_epoch"],
+                    "final": final,  # the kept model: the best epoch by segm AP on the validation images
+                    "last": {k: round(log[-1][k], 4) for k in AP_KEYS},  # the last epoch's, chosen by nothing
+                    "train_and_validate_seconds": round(log[-1]["elapsed_seconds"], 1),
+                    "load_average_before": load_before,
+                    "per_epoch": epoch_rows(log),
+                }
+            )
+            print(json.dumps({"recipe": recipe, "seed": seed, "epochs": metrics["epochs"], **final}), file=sys.stderr, flush=True)
+            shutil.rmtree(run, ignore_errors=True)
+        means = {which: {k: round(sum(r[which][k] for r in runs) / len(runs), 4) for k in AP_KEYS} for which in ("final", "last")}
+        out["recipes"][recipe] = {"mean": means, "runs": runs}
+    return out
 
 
 def subset(src: Path, n: int, dst: Path) -> Path:
@@ -155,11 +208,16 @@ def main() -> None:
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "datasets" / "PennFudanPed"))
     ap.add_argument("--val-last", type=int, default=50)
     ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--recipe", default=DetectConfig.recipe, help="visiontune's recipe (default or tutorial)")
+    ap.add_argument("--budget", type=float, help="minutes: train each of --recipes for this long (--time-budget), per seed")
+    ap.add_argument("--recipes", default="default,tutorial", help="--budget: the recipes to compare")
+    ap.add_argument("--seeds", default="0,1,2", type=lambda s: [int(x) for x in s.split(",")], help="--budget: seeds")
     ap.add_argument("--min-size", type=int, default=320)
     ap.add_argument("--max-size", type=int, default=512)
-    ap.add_argument("--lr-step", type=int, default=DetectConfig.lr_step, help="StepLR step (epochs), both loops")
-    ap.add_argument("--schedule", default=DetectConfig.schedule, help="visiontune's LR schedule: step or cosine")
-    ap.add_argument("--scale-jitter", type=float, default=DetectConfig.scale_jitter, help="visiontune's multi-scale training")
+    ap.add_argument("--lr-step", type=int, help="StepLR step (epochs), both loops (default: the recipe's)")
+    ap.add_argument("--schedule", help="visiontune's LR schedule: step or cosine (default: the recipe's)")
+    ap.add_argument("--scale-jitter", type=float, help="visiontune's multi-scale training (default: the recipe's)")
+    ap.add_argument("--copy-paste", type=float, help="visiontune's copy-paste probability (default: the recipe's)")
     ap.add_argument("--precision", default=DetectConfig.precision, help="visiontune's training precision (the tutorial loop: fp32)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="16 images, 1 epoch, 160-224 px: a few minutes")
@@ -171,6 +229,10 @@ def main() -> None:
     if args.quick:
         data = subset(data, 16, work / "data")
         args.val_last, args.epochs, args.min_size, args.max_size = 4, 1, 160, 224
+    if args.budget:
+        print(json.dumps(budget_comparison(args, data, work)))
+        shutil.rmtree(work, ignore_errors=True)
+        return
     result = {
         "benchmark": "detect",
         "data": str(data),
@@ -183,39 +245,24 @@ def main() -> None:
         data=str(data),
         out=str(work / "run"),
         val_last=args.val_last,
+        recipe=args.recipe,
         epochs=args.epochs,
         min_size=args.min_size,
         max_size=args.max_size,
         lr_step=args.lr_step,
         schedule=args.schedule,
         scale_jitter=args.scale_jitter,
+        copy_paste=args.copy_paste,
         precision=args.precision,
         seed=args.seed,
         quiet=True,
     )
+    cfg = resolve_settings(cfg)  # the recipe's values, for the tutorial loop and the settings printed
     start = time.perf_counter()
     metrics = fit(cfg)
     result["visiontune_wall_seconds"] = round(time.perf_counter() - start, 1)
     log = [json.loads(line) for line in (work / "run" / "log.jsonl").read_text().splitlines()]
-    result["per_epoch"] = [
-        {
-            k: round(e[k], 4) if isinstance(e[k], float) else e[k]
-            for k in (
-                "epoch",
-                "train_loss",
-                "loss_mask",
-                "bbox_AP",
-                "bbox_AP50",
-                "bbox_AP75",
-                "segm_AP",
-                "segm_AP50",
-                "segm_AP75",
-                "train_seconds",
-                "elapsed_seconds",
-            )
-        }
-        for e in log
-    ]
+    result["per_epoch"] = epoch_rows(log)
     result["final"] = {k: round(metrics[k], 4) for k in AP_KEYS}
     result["settings"] = {
         "model": "maskrcnn + FPN over efficientnet_lite0 (embedded ImageNet weights)",
@@ -225,6 +272,7 @@ def main() -> None:
         "lr_step": cfg.lr_step,
         "schedule": cfg.schedule,
         "scale_jitter": cfg.scale_jitter,
+        "copy_paste": cfg.copy_paste,
         "batch_size": cfg.batch_size,
         "lr": cfg.lr,
         "clip_grad": cfg.clip_grad,

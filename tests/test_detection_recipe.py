@@ -1,4 +1,5 @@
-"""Detection recipe options: --schedule step|cosine and --scale-jitter (multi-scale training, evaluation at one size)."""
+"""Detection recipes (--recipe default|tutorial), --time-budget, and their options: --schedule step|cosine and
+--scale-jitter (multi-scale training, evaluation at one size)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,14 @@ import math
 
 import pytest
 import torch
+from detection_helpers import make_pennfudan
 
 from visiontune.config import DetectConfig
 from visiontune.errors import UserError
 from visiontune.models.detection import build_detector
-from visiontune.tasks.detect import lr_factor, set_scales
+from visiontune.tasks.detect import fit, lr_factor, resolve_settings, set_scales
+
+TINY = dict(min_size=64, max_size=64, quiet=True, backbone_weights="none", seed=0)
 
 
 def test_the_step_schedule_is_the_tutorials_and_cosine_decays_to_zero_after_the_same_warm_up():
@@ -40,3 +44,28 @@ def test_bad_schedule_and_jitter_are_one_line():
         DetectConfig(schedule="linear").validate()
     with pytest.raises(UserError, match=r"--scale-jitter: must be in \[0, 1\), got 1.5"):
         DetectConfig(scale_jitter=1.5).validate()
+
+
+def test_recipes_fill_what_is_unset_and_explicit_settings_win():
+    default = resolve_settings(DetectConfig())
+    assert (default.epochs, default.schedule, default.scale_jitter) == (24, "cosine", 0.3)
+    tutorial = resolve_settings(DetectConfig(recipe="tutorial"))
+    assert (tutorial.epochs, tutorial.schedule, tutorial.lr_step, tutorial.scale_jitter) == (10, "step", 3, 0.0)
+    mine = resolve_settings(DetectConfig(recipe="tutorial", epochs=3, scale_jitter=0.2))
+    assert (mine.epochs, mine.schedule, mine.scale_jitter) == (3, "step", 0.2)  # the previous default: tutorial, 3 epochs
+    with pytest.raises(UserError, match="--recipe: unknown recipe 'fast'"):
+        DetectConfig(recipe="fast").validate()
+
+
+def test_time_budget_lowers_the_epochs_after_the_first_and_saves_them(tmp_path):
+    data = make_pennfudan(tmp_path / "pf", n=3)
+    m = fit(DetectConfig(data=str(data), out=str(tmp_path / "run"), epochs=3, time_budget=0.001, val_last=1, **TINY))
+    log = (tmp_path / "run" / "log.jsonl").read_text().splitlines()
+    assert m["epochs"] == 1 and len(log) == 1  # 0.06 s: one epoch, the least a run trains
+    assert "epochs: 1\n" in (tmp_path / "run" / "config.yaml").read_text()  # a resumed run keeps the decided schedule
+
+
+def test_time_budget_never_adds_epochs(tmp_path):
+    data = make_pennfudan(tmp_path / "pf", n=3)
+    m = fit(DetectConfig(data=str(data), out=str(tmp_path / "run"), epochs=2, time_budget=600, val_last=1, **TINY))
+    assert m["epochs"] == 2 and len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 2

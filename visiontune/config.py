@@ -17,6 +17,11 @@ HEADS = ("linear", "mlp", "logreg", "svm", "knn")
 # what --patience may watch (numeric fields of log.jsonl), besides auto: the score that picks the kept model
 CLASSIFY_MONITORS = ("auto", "val_accuracy", "val_balanced_accuracy", "val_mAP", "val_f1_macro", "val_loss", "train_loss", "train_accuracy")
 DETECT_MONITORS = ("auto", "bbox_AP", "bbox_AP50", "bbox_AP75", "segm_AP", "segm_AP50", "segm_AP75", "train_loss")
+# detection recipes (tasks/detect.py fills what a run leaves unset): "default" measured in bench/detect.py --budget
+DETECT_RECIPES = {
+    "default": {"epochs": 24, "schedule": "cosine", "lr_step": 3, "scale_jitter": 0.3, "copy_paste": 0.0},
+    "tutorial": {"epochs": 10, "schedule": "step", "lr_step": 3, "scale_jitter": 0.0, "copy_paste": 0.0},
+}
 TTA = ("none", "flip", "flip+crops")  # test-time augmentation of classify eval/predict (inference/classify.py)
 ENGINES = ("auto", "torch", "onnxruntime", "openvino", "openvino-bf16")  # what runs a frozen forward pass (engine/frozen.py)
 
@@ -183,21 +188,34 @@ class DetectConfig:
     trainable_backbone_layers: int | None = setting(None, "torchvision models: how many backbone stages train (0-5)")
     min_size: int = setting(320, "shorter image side the model resizes to")
     max_size: int = setting(512, "longest image side the model allows")
-    epochs: int = setting(3, "passes over the training images")
+    recipe: str = setting(
+        "default",
+        "default (cosine schedule, multi-scale training, 24 epochs: measured on Penn-Fudan without COCO weights) or "
+        "tutorial (the detection tutorial's: StepLR every 3 epochs, flips only, 10 epochs); explicit settings win",
+    )
+    epochs: int | None = setting(None, "passes over the training images (default: the recipe's)")
+    time_budget: float | None = setting(
+        None,
+        "minutes to train and validate in: after the first epoch, the number of epochs is lowered to what fits "
+        "(the schedule then ends in time); --epochs stays the most it trains",
+    )
     batch_size: int = setting(2, "images per step (global under torchrun, split across processes)")
     lr: float = setting(0.005, "SGD learning rate (warm-up in the first epoch)")
     momentum: float = setting(0.9, "SGD momentum")
     weight_decay: float = setting(5e-4, "weight decay")
-    lr_step: int = setting(3, "--schedule step: divide the learning rate by 10 every N epochs")
-    schedule: str = setting(
-        "step",
+    lr_step: int | None = setting(None, "--schedule step: divide the learning rate by 10 every N epochs (default: the recipe's)")
+    schedule: str | None = setting(
+        None,
         "step (the tutorial's: warm-up in the first epoch, then /10 every --lr-step epochs) or cosine (the same "
-        "warm-up, then a cosine decay to 0 at the last epoch)",
+        "warm-up, then a cosine decay to 0 at the last epoch); default: the recipe's",
     )
-    scale_jitter: float = setting(
-        0.0,
+    scale_jitter: float | None = setting(
+        None,
         "multi-scale training: each training batch resized to --min-size (and --max-size) times a factor in "
-        "[1 - J, 1 + J]; evaluation stays at --min-size (0: off)",
+        "[1 - J, 1 + J]; evaluation stays at --min-size (0: off; default: the recipe's)",
+    )
+    copy_paste: float | None = setting(
+        None, "probability that objects cut from another training image are pasted onto a training image (needs masks)"
     )
     clip_grad: float = setting(5.0, "clip the gradient norm to this (0: off); heads that start from scratch need it")
     precision: str = setting(
@@ -237,8 +255,13 @@ class DetectConfig:
         _check_range("--val-last", self.val_last, 1, 10**7)
         _check_range("--rois-per-image", self.rois_per_image, 1, 4096)
         _check_range("--patience", self.patience, 0, 10_000)
-        _check_choice("--schedule", self.schedule, ("step", "cosine"))
-        if not 0.0 <= self.scale_jitter < 1.0:
+        _check_choice("--recipe", self.recipe, tuple(DETECT_RECIPES))
+        _check_range("--time-budget", self.time_budget, 1e-3, 10**6)
+        if self.schedule is not None:
+            _check_choice("--schedule", self.schedule, ("step", "cosine"))
+        _check_range("--lr-step", self.lr_step, 1, 10_000)
+        _check_range("--copy-paste", self.copy_paste, 0.0, 1.0)
+        if self.scale_jitter is not None and not 0.0 <= self.scale_jitter < 1.0:
             raise UserError(f"--scale-jitter: must be in [0, 1), got {self.scale_jitter}")
         _check_choice("--monitor", self.monitor, DETECT_MONITORS)
         _check_choice("--precision", self.precision, ("auto", "bf16", "fp32"))

@@ -25,6 +25,7 @@ from torchvision.ops import masks_to_boxes
 from torchvision.transforms.v2 import functional as TF
 
 from ..errors import UserError
+from .copy_paste import paste_objects
 from .images import image_size, is_image_file, load_rgb
 from .transforms import detection_eval, detection_train
 
@@ -193,11 +194,13 @@ def split_records(data: InstanceData, val_split: float | None, val_last: int | N
 
 
 class DetectionDataset(Dataset):
-    """Records -> (float image in [0, 1], target dict), read when asked; training adds a flip that moves boxes and masks."""
+    """Records -> (float image in [0, 1], target dict), read when asked; training adds a flip that moves boxes and
+    masks and, with ``copy_paste`` > 0, pastes another training image's objects with that probability (copy_paste.py)."""
 
-    def __init__(self, records: list[Record], train: bool):
+    def __init__(self, records: list[Record], train: bool, copy_paste: float = 0.0):
         self.records = records
         self.transform = detection_train() if train else detection_eval()
+        self.copy_paste = copy_paste if train else 0.0
 
     def __len__(self) -> int:
         return len(self.records)
@@ -208,10 +211,15 @@ class DetectionDataset(Dataset):
 
     def __getitem__(self, i: int):
         r = self.records[i]
-        target = {"boxes": tv_tensors.BoundingBoxes(r.boxes, format="XYXY", canvas_size=r.size), "labels": r.labels, "image_id": r.image_id}
-        if r.masks is not None:
-            target["masks"] = tv_tensors.Mask(r.read_masks())
-        image, target = self.transform(tv_tensors.Image(r.read_image()), target)
+        image, boxes, labels, masks = r.read_image(), r.boxes, r.labels, r.read_masks()
+        if masks is not None and self.copy_paste > 0 and len(self.records) > 1 and torch.rand(()).item() < self.copy_paste:
+            other = self.records[(i + 1 + torch.randint(len(self.records) - 1, ()).item()) % len(self.records)]
+            image, masks, boxes, labels = paste_objects(image, masks, labels, other.read_image(), other.read_masks(), other.labels)
+        size = tuple(image.shape[-2:])
+        target = {"boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=size), "labels": labels, "image_id": r.image_id}
+        if masks is not None:
+            target["masks"] = tv_tensors.Mask(masks)
+        image, target = self.transform(tv_tensors.Image(image), target)
         return image.as_subclass(torch.Tensor), {
             k: v.as_subclass(torch.Tensor) if isinstance(v, torch.Tensor) else v for k, v in target.items()
         }

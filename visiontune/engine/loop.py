@@ -97,11 +97,9 @@ def fit(task: Task, resume: bool = False, given: dict | None = None) -> dict:
             f"visiontune {task.command} train --resume {out}",
             distributed.any_process,
         )
-        for epoch in range(first_epoch, cfg.epochs):
-            if out_of_patience(cfg.patience, cfg.monitor, state, epoch):
-                state.stopped_epoch = epoch
-                if progress:
-                    print(f"stopping after epoch {epoch}: no better {cfg.monitor} for {cfg.patience} epoch(s) (--patience)", flush=True)
+        epoch = first_epoch - 1
+        while (epoch := epoch + 1) < cfg.epochs:  # --time-budget may lower cfg.epochs after the first epoch
+            if out_of_patience(cfg.patience, cfg.monitor, state, epoch, progress):
                 break
             task.before_epoch(epoch)
             loader = task.epoch_loader(epoch)
@@ -130,6 +128,8 @@ def fit(task: Task, resume: bool = False, given: dict | None = None) -> dict:
                 "precision": "bf16" if train_bf16 else "fp32",
             }
             task.validate(epoch, stats, record)
+            if epoch == 0 and getattr(cfg, "time_budget", None):  # detection's --time-budget
+                fit_epochs_to_budget(cfg, state.elapsed(), out, progress)
             save(epoch + 1)
             duties.after_epoch(epoch + 1)
 
@@ -138,13 +138,28 @@ def fit(task: Task, resume: bool = False, given: dict | None = None) -> dict:
     return distributed.broadcast_object(metrics)
 
 
-def out_of_patience(patience: int, monitor: str, state: RunState, epochs_done: int) -> bool:
+def fit_epochs_to_budget(cfg, first_epoch_seconds: float, out: Path, progress: bool) -> None:
+    """Lower ``cfg.epochs`` to the epochs of the first one's length that fit in ``cfg.time_budget`` minutes (rank 0's
+    clock for every process) and save it in config.yaml, so the schedule ends in time and a resumed run keeps it."""
+    fits = int(cfg.time_budget * 60 // max(first_epoch_seconds, 1e-3))
+    cfg.epochs = distributed.broadcast_object(max(1, min(cfg.epochs, fits)) if distributed.is_main() else None)
+    if distributed.is_main():
+        ckpt.atomic_write_text(out / "config.yaml", to_yaml(cfg))
+        if progress:
+            print(f"--time-budget {cfg.time_budget:g} min: {cfg.epochs} epoch(s) of {first_epoch_seconds:.0f}s", flush=True)
+
+
+def out_of_patience(patience: int, monitor: str, state: RunState, epochs_done: int, progress: bool = False) -> bool:
     """``patience`` epochs done since the best value of ``monitor`` (checked before each epoch, so a resumed run stops
-    where it would have). Rank 0 decides for every process."""
+    where it would have); then ``state.stopped_epoch`` is set and a line printed. Rank 0 decides for every process."""
     if not patience:
         return False
-    decision = epochs_done - best_epoch(monitor, state) >= patience if distributed.is_main() else None
-    return distributed.broadcast_object(decision)
+    stop = distributed.broadcast_object(epochs_done - best_epoch(monitor, state) >= patience if distributed.is_main() else None)
+    if stop:
+        state.stopped_epoch = epochs_done
+        if progress:
+            print(f"stopping after epoch {epochs_done}: no better {monitor} for {patience} epoch(s) (--patience)", flush=True)
+    return stop
 
 
 def best_epoch(monitor: str, state: RunState) -> int:

@@ -8,6 +8,7 @@ keeps heads trained from scratch from diverging. Validation is COCO bbox (and se
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .. import checkpoint as ckpt
-from ..config import DetectConfig
+from ..config import DETECT_RECIPES, DetectConfig
 from ..data.formats import load_splits
 from ..data.instance import DetectionDataset, collate, grouped_batches
 from ..engine import distributed, loop
@@ -92,6 +93,14 @@ def set_scales(model, cfg: DetectConfig, train: bool) -> None:
     transform.max_size = round(cfg.max_size * (1 + cfg.scale_jitter))
 
 
+def resolve_settings(cfg: DetectConfig) -> DetectConfig:
+    """Fill every unset setting from the recipe; explicit settings win. With --time-budget, these epochs are the
+    most the run trains: the loop lowers the number after the first epoch if they do not fit (engine/loop.py)."""
+    recipe = DETECT_RECIPES[cfg.recipe]
+    unset = {k: v for k, v in recipe.items() if getattr(cfg, k) is None}
+    return dataclasses.replace(cfg, **unset)
+
+
 class DetectTask:
     """Detection's hooks for engine.loop.fit (see its ``Task``)."""
 
@@ -102,7 +111,7 @@ class DetectTask:
 
     def resolve(self, cfg: DetectConfig) -> DetectConfig:
         self.clip_grad = cfg.clip_grad
-        return cfg
+        return resolve_settings(cfg)
 
     def setup(self, device: torch.device, bf16: bool, progress: bool) -> None:
         cfg = self.cfg
@@ -122,7 +131,9 @@ class DetectTask:
             rois_per_image=cfg.rois_per_image,
         )
         self.has_masks = self.data.has_masks and is_mask_model(model_name)  # a boxes-only model has no segm AP
-        self.train_ds = DetectionDataset(self.train_records, train=True)
+        if cfg.copy_paste and not self.data.has_masks:
+            log.info("--copy-paste: the annotations have no masks to cut objects by; training without it")
+        self.train_ds = DetectionDataset(self.train_records, train=True, copy_paste=cfg.copy_paste)
         self.workers = 0 if cfg.workers is None else cfg.workers
         self.steps_per_epoch = len(distributed.split_batches(grouped_batches(self.train_ds, cfg.batch_size, torch.Generator())))
         self.meta = DetectorMeta(
