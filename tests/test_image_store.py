@@ -22,7 +22,7 @@ TF = classification_eval(32, 40, (0.5,) * 3, (0.5,) * 3)
 
 
 def stores(cache):
-    return sorted(d for d in (cache / "images").iterdir() if not d.name.startswith("."))
+    return sorted(d for d in (cache / "images").iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
 def test_a_disk_cached_run_equals_the_in_ram_run_and_the_next_run_decodes_nothing(tmp_path, monkeypatch):
@@ -135,3 +135,26 @@ def test_auto_stores_what_ram_cannot_hold_and_streams_without_a_cache_folder(tmp
     large, _ = open_images(scan_folder(root), 40, TF, "auto", progress=False, cache_dir=tmp_path / "c")
     no_folder, _ = open_images(scan_folder(root), 40, TF, "auto", progress=False, cache_dir=None)
     assert (small.cache, large.cache, no_folder.cache) == ("ram", "disk", "none")
+
+
+def test_processes_building_the_same_store_decode_each_image_once(tmp_path, monkeypatch):
+    """As torchrun's processes on one machine do: one builds under the lock, the other waits and reads its store."""
+    import threading
+
+    root = make_class_folders(tmp_path / "data", per_class=4, splits=("train",)) / "train"
+    decoded, real = [], C.load_downsized
+    monkeypatch.setattr(C, "load_downsized", lambda *a, **k: decoded.append(a[0]) or real(*a, **k))
+    results = []
+
+    def build():
+        ds, _ = open_images(scan_folder(root), 40, TF, "disk", progress=False, cache_dir=tmp_path / "c")
+        results.append(ds)
+
+    threads = [threading.Thread(target=build) for _ in range(2)]  # flock is per open file: threads contend like processes
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 2 and len(decoded) == 8 == len(set(decoded))
+    assert all(torch.equal(results[0].decoded(i), results[1].decoded(i)) for i in range(8))
+    assert len(stores(tmp_path / "c")) == 1

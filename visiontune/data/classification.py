@@ -23,7 +23,7 @@ from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
 from ..errors import UserError
-from .image_store import ImageStore, StoreWriter, room_for, store_dir, store_key
+from .image_store import ImageStore, StoreWriter, build_lock, room_for, store_dir, store_key
 from .images import BadImage, is_image_file, load_rgb
 from .index import is_index, read_index, read_val_index
 from .multilabel import multi_hot, read_label_file, split_random
@@ -257,13 +257,18 @@ def open_images(
     ``linear``, measured 110 s against 168 s streaming), else "none".
     """
     mode = _cache_mode(cache, samples, short_side, cache_dir)
-    writer = None
-    if mode == "disk":
-        key = store_key(samples.items, short_side)
+    if mode != "disk":
+        return _decoded(samples, short_side, transform, mode, skip_bad, threads, progress, None)
+    key = store_key(samples.items, short_side)
+    with build_lock(cache_dir, key, quiet=not progress):  # one process on this machine decodes; the others read its store
         store = ImageStore.open(store_dir(cache_dir, key), key)
         if store is not None:
             return _from_store(samples, store, short_side, transform, skip_bad)
-        writer = StoreWriter(cache_dir, key)
+        return _decoded(samples, short_side, transform, mode, skip_bad, threads, progress, StoreWriter(cache_dir, key))
+
+
+def _decoded(samples: Samples, short_side: int, transform, mode: str, skip_bad: bool, threads: int, progress: bool, writer):
+    """``open_images`` past the choice of mode: decode (or read headers), into ``writer``'s store when given."""
     try:
         items, images, bad = _read_all(samples, short_side, mode, skip_bad, threads, progress, writer)
     except BaseException:

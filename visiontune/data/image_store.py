@@ -15,6 +15,8 @@ or than the free disk, is not stored.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -139,6 +141,30 @@ class StoreWriter:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def build_lock(cache_dir: Path, key: dict, quiet: bool = False):
+    """Held while a process looks for a store and builds it: under torchrun (or two runs on one machine), one process
+    decodes the images and the others wait, then read its store. An advisory ``flock`` on a file beside the store,
+    released by the kernel if the holder dies; where locks are unsupported (some network disks), no lock."""
+    path = store_dir(cache_dir, key).with_suffix(".lock")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(path, "a")
+    except OSError:  # a read-only cache: the build will say why it cannot write
+        yield
+        return
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not quiet:
+                log.info("image cache: another process is building %s; waiting for it", path.with_suffix(""))
+            fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield
+
+
 def remove_abandoned(folder: Path) -> None:
     """Temporary folders of builds whose process is gone (killed while building)."""
     for tmp in folder.glob(".tmp-*") if folder.is_dir() else []:
@@ -156,7 +182,7 @@ def folder_bytes(folder: Path) -> int:
 
 def prune(folder: Path, keep: Path) -> None:
     """Delete the least recently used stores until the folder fits ``max_bytes()``; never ``keep``."""
-    stores = sorted((d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")), key=lambda d: _last_used(d))
+    stores = sorted((d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")), key=_last_used)
     total = sum(folder_bytes(d) for d in stores)
     for d in stores:
         if total <= max_bytes():
@@ -164,6 +190,7 @@ def prune(folder: Path, keep: Path) -> None:
         if d != keep:
             total -= folder_bytes(d)
             shutil.rmtree(d, ignore_errors=True)
+            d.with_suffix(".lock").unlink(missing_ok=True)
             log.info("image cache: removed %s (least recently used) to stay under %.0f GiB", d, max_bytes() / (1 << 30))
 
 
