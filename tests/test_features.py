@@ -60,6 +60,46 @@ def test_features_are_reused_across_runs(setup):
     assert len(list(cache.glob("*.safetensors"))) == 1
 
 
+def mapped_files() -> str:
+    with open("/proc/self/maps") as f:
+        return f.read()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux's /proc to see the memory maps")
+def test_features_are_pages_of_the_cache_file_not_a_copy_in_ram(setup):
+    """A million images' features (10 GB) must not sit in anonymous memory: extraction writes them into the file's
+    pages and a later run maps them; both are the same numbers as an extraction held in RAM."""
+    run, _, _, cache = setup
+    written, labels = run()
+    [path] = cache.glob("*.safetensors")
+    assert str(path) in mapped_files()
+    read, read_labels = run()
+    backbone = TinyBackbone()
+    in_ram, ram_labels = F.extract(TorchForward(backbone), run.dataset, views=2, seed=0, progress=False)
+    assert torch.equal(written, in_ram) and torch.equal(read, in_ram) and torch.equal(read_labels, ram_labels)
+    read[0, 0] += 1  # copy-on-write: a consumer writing into its tensor never changes the cache
+    assert torch.equal(
+        F.load_features(path, json.loads(json.dumps(F.cache_key("tiny", backbone, PREP, 2, 0, run.dataset.items, "torch fp32"))))[0], in_ram
+    )
+
+
+def test_a_build_killed_midway_leaves_a_file_the_next_build_removes(setup):
+    run, calls, _, cache = setup
+    cache.mkdir(parents=True)
+    dead = cache / ".tmp-tiny-0123.safetensors-999999999"  # what a SIGKILLed extraction leaves (its pid is gone)
+    dead.write_bytes(b"half a file")
+    run()
+    assert not dead.exists() and len(list(cache.glob(".tmp-*"))) == 0 and len(list(cache.glob("*.safetensors"))) == 1
+
+
+def test_the_streamed_checksum_is_the_checkpoint_checksum():
+    from visiontune.checkpoint import weights_digest
+    from visiontune.engine.feature_file import tensors_digest
+
+    tensors = {"features": torch.randn(7, 5), "labels": torch.tensor([0, 1, 2, 0, 1, 2, 0])}
+    assert tensors_digest(tensors) == weights_digest(tensors)
+
+
 @pytest.mark.parametrize("change", ["mtime", "size", "views", "seed", "preprocessing", "weights", "backbone"])
 def test_any_changed_input_invalidates_the_cache(setup, change):
     run, calls, paths, _ = setup
@@ -93,6 +133,7 @@ def test_any_changed_input_invalidates_the_cache(setup, change):
 def test_corrupt_cache_is_detected_and_rebuilt(setup, damage, caplog):
     run, calls, _, cache = setup
     good, _ = run()
+    good = good.clone()  # it maps the file damaged below in place (visiontune itself only ever replaces cache files)
     [path] = cache.glob("*.safetensors")
     raw = bytearray(path.read_bytes())
     if damage == "flip_data_byte":  # inside the tensor data at the end: the file still parses, the checksum catches it

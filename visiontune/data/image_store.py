@@ -166,12 +166,12 @@ def build_lock(cache_dir: Path, key: dict, quiet: bool = False):
 
 
 def remove_abandoned(folder: Path) -> None:
-    """Temporary folders of builds whose process is gone (killed while building)."""
+    """Temporary folders (or files: the feature cache's) ``.tmp-NAME-PID`` of builds whose process is gone."""
     for tmp in folder.glob(".tmp-*") if folder.is_dir() else []:
         try:
             os.kill(int(tmp.name.rsplit("-", 1)[1]), 0)
         except (ProcessLookupError, ValueError):
-            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
         except PermissionError:  # alive, someone else's
             pass
 

@@ -27,13 +27,15 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..checkpoint import atomic_write, weights_digest
+from ..checkpoint import weights_digest
 from ..data.classification import ClassImages
+from ..data.image_store import remove_abandoned
 from ..data.images import file_fingerprints
 from .distributed import SeededPerSample
+from .feature_file import FeatureWriter, map_arrays, read_header, tensors_digest
 
 log = logging.getLogger("visiontune")
-CACHE_FORMAT = "visiontune-features/3"  # 2: views seeded per image (any worker count); 3: the engine in the key
+CACHE_FORMAT = "visiontune-features/4"  # 2: views seeded per image; 3: the engine in the key; 4: written through a memory map
 
 
 def extract(
@@ -46,6 +48,7 @@ def extract(
     progress: bool = True,
     workers: int = 0,
     timing: dict | None = None,
+    allocate: Callable | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Features of ``views`` passes over ``dataset`` (its transform may be random): (views*N, F) in float32 and the
     labels, (views*N,) class indices or (views*N, classes) multi-hot.
@@ -53,8 +56,10 @@ def extract(
     ``forward`` is the frozen network (frozen.py: PyTorch or ONNX Runtime). Images stream through ``workers``
     DataLoader processes (decoded there unless held in RAM); only the features are kept. Each image's augmentation in
     view v is seeded by (seed, v, index): the same features for any worker count. ``timing``, a dict, receives the
-    images, seconds and images/s of the whole pass (reading the images included).
+    images, seconds and images/s of the whole pass (reading the images included). ``allocate(rows, dim, label_shape,
+    label_dtype)`` gives the (features, labels) tensors to fill (default: in RAM; the cache: pages of its file).
     """
+    allocate = allocate or in_ram
     start, n = time.perf_counter(), len(dataset)
     feats = labels = None
     with tqdm(total=views * n, desc=desc, unit="img", leave=False, disable=not progress) as bar:
@@ -64,7 +69,7 @@ def extract(
             for x, y in loader:
                 f, y = forward(x), torch.as_tensor(y)
                 if feats is None:
-                    feats, labels = torch.empty(views * n, f.shape[1]), torch.empty(views * n, *y.shape[1:], dtype=y.dtype)
+                    feats, labels = allocate(views * n, f.shape[1], tuple(y.shape[1:]), y.dtype)
                 feats[row : row + len(y)], labels[row : row + len(y)] = f, y
                 row += len(y)
                 bar.update(len(y))
@@ -72,6 +77,10 @@ def extract(
     if timing is not None:
         timing.update(images=views * n, seconds=round(seconds, 2), images_per_second=round(views * n / max(seconds, 1e-9), 1))
     return (feats, labels) if feats is not None else (torch.empty(0, 0), torch.empty(0, dtype=torch.long))
+
+
+def in_ram(rows: int, dim: int, label_shape: tuple, label_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty(rows, dim), torch.empty(rows, *label_shape, dtype=label_dtype)
 
 
 # --------------------------------------------------------------------------------------------- on-disk cache
@@ -114,36 +123,35 @@ def cache_path(cache_dir: str | Path, key: dict) -> Path:
 
 
 def save_features(path: Path, key: dict, feats: torch.Tensor, labels: torch.Tensor) -> None:
-    from safetensors.torch import save_file
-
-    tensors = {"features": feats.contiguous(), "labels": labels.contiguous()}
-    meta = {"key": json.dumps(key, sort_keys=True), "sha256": weights_digest(tensors)}
+    """Write features held in RAM as a cache file (feature_file.py)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    writer = FeatureWriter(path, key, len(feats), feats.shape[1], tuple(labels.shape[1:]), labels.dtype)
+    writer.features.copy_(feats)
+    writer.labels.copy_(labels)
+    writer.commit()
 
 
 def load_features(path: Path, key: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The cached (features, labels), or None when the file is missing, unreadable, for another key, or corrupt."""
+    """The cached (features, labels), mapped from the file, or None when the file is missing, unreadable, for another
+    key, or corrupt."""
     if not path.is_file():
         return None
     try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
+        header, data_start = read_header(path)
+        meta = header.get("__metadata__") or {}
+        if meta.get("key") != json.dumps(key, sort_keys=True) or set(header) != {"__metadata__", "features", "labels"}:
+            log.warning("feature cache %s belongs to other inputs; rebuilding it", path)
+            return None
+        feats, labels = map(torch.from_numpy, map_arrays(path, header, data_start, "c"))
     except Exception as e:  # noqa: BLE001 - truncated or garbled: rebuild it
         log.warning(
             "feature cache %s is unreadable (%s); rebuilding it", path, str(e).splitlines()[0][:100] if str(e) else type(e).__name__
         )
         return None
-    if meta.get("key") != json.dumps(key, sort_keys=True) or set(tensors) != {"features", "labels"}:
-        log.warning("feature cache %s belongs to other inputs; rebuilding it", path)
-        return None
-    if meta.get("sha256") != weights_digest(tensors):
+    if meta.get("sha256") != tensors_digest({"features": feats, "labels": labels}):
         log.warning("feature cache %s failed its checksum (corrupt); rebuilding it", path)
         return None
-    return tensors["features"], tensors["labels"]
+    return feats, labels
 
 
 def cached_extract(
@@ -176,9 +184,21 @@ def cached_extract(
     if hit is not None:
         log.info("features from cache %s", path)
         return hit
-    feats, labels = extract(forward, dataset, **run)
+    remove_abandoned(folder)  # what builds killed midway left
+    writers = []
+
+    def allocate(rows: int, dim: int, label_shape: tuple, label_dtype: torch.dtype):
+        try:  # the features go straight into the cache file's pages
+            folder.mkdir(parents=True, exist_ok=True)
+            writers.append(FeatureWriter(path, key, rows, dim, label_shape, label_dtype))
+            return writers[0].features, writers[0].labels
+        except OSError as e:  # a read-only or full disk costs speed next time, never this run
+            log.warning("could not write the feature cache %s (%s)", path, e.strerror or e)
+            return in_ram(rows, dim, label_shape, label_dtype)
+
     try:
-        save_features(path, key, feats, labels)
-    except OSError as e:  # a read-only or full disk costs speed next time, never this run
-        log.warning("could not write the feature cache %s (%s)", path, e.strerror or e)
-    return feats, labels
+        feats, labels = extract(forward, dataset, allocate=allocate, **run)
+        return writers[0].commit() if writers else (feats, labels)
+    finally:
+        for w in writers:
+            w.abandon()  # nothing left once committed; a failed or interrupted build's file
