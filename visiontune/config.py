@@ -211,7 +211,7 @@ class DetectConfig:
     )
     scale_jitter: float | None = setting(
         None,
-        "multi-scale training: each training batch resized to --min-size (and --max-size) times a factor in "
+        "multi-scale training: each training image resized to --min-size (and --max-size) times a factor in "
         "[1 - J, 1 + J]; evaluation stays at --min-size (0: off; default: the recipe's)",
     )
     copy_paste: float | None = setting(

@@ -83,7 +83,8 @@ def evaluate_sharded(model, records, classes: list[str], has_masks: bool, device
 
 def set_scales(model, cfg: DetectConfig, train: bool) -> None:
     """The sizes the model resizes images to: with --scale-jitter in training, one of seven scales around --min-size
-    (torchvision's transform draws one per batch), the longest side allowed to grow alike; else --min-size."""
+    (torchvision's transform draws one per image; a batch pads to its largest), the longest side allowed to grow alike;
+    else --min-size."""
     transform = model.transform
     if not train or cfg.scale_jitter == 0:
         transform.min_size, transform.max_size = (cfg.min_size,), cfg.max_size
