@@ -208,7 +208,9 @@ def main() -> None:
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "datasets" / "PennFudanPed"))
     ap.add_argument("--val-last", type=int, default=50)
     ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--recipe", default=DetectConfig.recipe, help="visiontune's recipe (default or tutorial)")
+    ap.add_argument(
+        "--recipe", default="tutorial", help="visiontune's recipe; tutorial (the default here) trains as the tutorial loop beside it does"
+    )
     ap.add_argument("--budget", type=float, help="minutes: train each of --recipes for this long (--time-budget), per seed")
     ap.add_argument("--recipes", default="default,tutorial", help="--budget: the recipes to compare")
     ap.add_argument("--seeds", default="0,1,2", type=lambda s: [int(x) for x in s.split(",")], help="--budget: seeds")
