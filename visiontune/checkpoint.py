@@ -45,18 +45,23 @@ def atomic_write(path: str | Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        fault_point("write", f"write-{path.name.split('.')[0]}", before_kill=lambda: os.truncate(tmp, os.path.getsize(tmp) // 2))
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def publish(tmp: str | Path, path: Path) -> None:
+    """Sync the finished file ``tmp`` and rename it over ``path``, then sync the folder (the rename survives a crash)."""
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    fault_point("write", f"write-{path.name.split('.')[0]}", before_kill=lambda: os.truncate(tmp, os.path.getsize(tmp) // 2))
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..faults import fault_point
+from ..checkpoint import publish
 
 DTYPES = {  # torch dtype -> (safetensors code, numpy dtype)
     torch.float32: ("F32", np.float32),
@@ -66,15 +66,7 @@ class FeatureWriter:
         with open(self.tmp, "r+b") as f:
             f.seek(self.sha_at)
             f.write(digest.encode())
-            f.flush()
-            os.fsync(f.fileno())
-        fault_point("write", "write-features", before_kill=lambda: os.truncate(self.tmp, os.path.getsize(self.tmp) // 2))
-        os.replace(self.tmp, self.final)
-        dir_fd = os.open(self.final.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        publish(self.tmp, self.final)
         features, labels = map(torch.from_numpy, map_arrays(self.final, self.header, self.data_start, "c"))
         return features, labels
 
