@@ -27,6 +27,7 @@ from .image_store import ImageStore, StoreWriter, build_lock, room_for, store_di
 from .images import BadImage, is_image_file, load_rgb
 from .index import is_index, read_index, read_val_index
 from .multilabel import multi_hot, read_label_file, split_random
+from .shards import is_shards, read_shards, read_val_shards
 
 log = logging.getLogger("visiontune")
 
@@ -107,7 +108,7 @@ def find_splits(
         )
     if labels:
         return label_file_splits(labels, data, val_data, val_split, seed)
-    if is_index(data):
+    if is_index(data) or is_shards(data):
         return same_classes(*index_splits(data, val_data, val_split, seed))
     data = Path(data)
     if not data.exists():
@@ -137,15 +138,16 @@ def same_classes(train: Samples, val: Samples) -> tuple[Samples, Samples]:
 
 
 def index_splits(data: str | Path, val_data: str | Path | None, val_split: float | None, seed: int) -> tuple[Samples, Samples]:
-    """--data INDEX: validation from --val-data, else --val-split of its training rows, else its split=val rows."""
-    rows = read_index(data)
+    """--data INDEX or SHARDS: validation from --val-data, else --val-split of its training rows, else split=val rows."""
+    rows = read_shards(data) if is_shards(data) else read_index(data)
     train = Samples(rows.train, rows.classes)
     if val_data is not None:
         return train, validation_samples(val_data, rows.classes)
     if val_split is not None:
         return split_stratified(train, val_split, seed)
     if rows.val is None:
-        raise UserError(f"--data: {data} has no split column; pass --val-split 0.2 or --val-data DIR")
+        kind = "no validation split in the shards" if is_shards(data) else "no split column"
+        raise UserError(f"--data: {data} has {kind}; pass --val-split 0.2 or --val-data DIR")
     if not rows.val:
         raise UserError(f"--data: {data} has no rows with split val; pass --val-split 0.2 or --val-data DIR")
     return train, Samples(rows.val, rows.classes)
@@ -169,6 +171,8 @@ def validation_samples(val_data: str | Path, classes: list[str]) -> Samples:
     """--val-data: class folders, or an index whose labels are among the training ``classes``."""
     if is_index(val_data):
         return Samples(read_val_index(val_data, classes), classes)
+    if is_shards(val_data):
+        return Samples(read_val_shards(val_data, classes), classes)
     return scan_folder(val_data, "--val-data")
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import warnings
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import UserError
+from .tar_members import file_stat, open_image
 
 # Images above this many pixels are refused (decompression bombs); 8k x 8k is plenty for fine-tuning.
 MAX_PIXELS = 64_000_000
@@ -41,7 +41,7 @@ def load_rgb(path: str | Path, short_side: int | None = None, header_only: bool 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(p) as im:
+            with Image.open(open_image(p)) as im:
                 w, h = im.size
                 if w * h > MAX_PIXELS:
                     raise BadImage(p, f"image is {w}x{h} pixels, more than the {MAX_PIXELS:,} allowed (decompression bomb?)")
@@ -114,7 +114,7 @@ def image_size(path: str | Path) -> tuple[int, int]:
     """(width, height) of an image as ``load_rgb`` returns it (EXIF rotation applied), from its header alone."""
     p = Path(path)
     load_rgb(p, header_only=True)  # the same checks, the same one-line errors
-    with Image.open(p) as im:
+    with Image.open(open_image(p)) as im:
         w, h = im.size
         rotated = im.getexif().get(0x0112) in (5, 6, 7, 8)  # orientations that swap width and height
     return (h, w) if rotated else (w, h)
@@ -125,6 +125,6 @@ def file_fingerprints(items: list[tuple[str | Path, int]]) -> dict:
     replaced or relabeled file (an index can relabel a file in place) changes it; the key stays small for a million."""
     h = hashlib.sha256()
     for p, label in items:
-        st = os.stat(p)
+        st = file_stat(p)
         h.update(f"{Path(p).resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0{label}\n".encode())
     return {"count": len(items), "sha256": h.hexdigest()}
