@@ -73,7 +73,7 @@ def test_shards_list_the_samples_of_their_folders(tmp_path):
     assert "train-000.tar/" in str(member) and np.array_equal(np.asarray(load_rgb(member)), np.asarray(load_rgb(file)))
 
 
-def test_a_linear_run_on_shards_is_the_run_on_their_folders(tmp_path):
+def test_a_linear_run_on_shards_is_the_run_on_their_folders(tmp_path, capsys):
     """Features of images read out of a shard: the same model, bit for bit, as from the class folders (one shard, so
     the training order, which follows paths, is the folders' too)."""
     data = make_class_folders(tmp_path / "data", classes=("red", "blue", "green"), per_class=6)
@@ -84,6 +84,9 @@ def test_a_linear_run_on_shards_is_the_run_on_their_folders(tmp_path):
     sharded = train(shards, tmp_path / "sharded", *common, "--val-data", str(val), "--cache-dir", str(tmp_path / "c2"))
     assert sharded["best_val_accuracy"] == folders["best_val_accuracy"] >= 0.9  # chance: 1/3
     assert same_weights(tmp_path / "folders", tmp_path / "sharded")
+    capsys.readouterr()
+    assert main(["classify", "eval", str(tmp_path / "sharded"), "--data", str(val)]) == 0  # eval reads shards too
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["accuracy"] == sharded["final_val_accuracy"]
 
 
 def test_workers_stream_members_of_shards_as_they_stream_files(tmp_path):

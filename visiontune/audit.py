@@ -32,7 +32,7 @@ from .checkpoint import atomic_write_text
 from .config import ClassifyConfig
 from .data.classification import Samples, find_splits, open_images, scan_folder
 from .data.images import load_rgb
-from .data.index import is_index, read_index
+from .data.shards import is_listing, read_listing
 from .data.transforms import classification_eval
 from .engine.features import cache_folder, cached_extract
 from .engine.frozen import frozen_forward
@@ -147,11 +147,11 @@ def describe(result: dict) -> str:
 def splits(data: str, val_data: str | None, seed: int) -> tuple[Samples, Samples]:
     """As ``find_splits``; class folders (or an index) without a validation part audit their training images alone."""
     root = Path(data or "")
-    if data and val_data is None and not is_index(data) and root.is_dir() and not (root / "val").is_dir():
+    if data and val_data is None and not is_listing(data) and root.is_dir() and not (root / "val").is_dir():
         train = scan_folder(root / "train" if (root / "train").is_dir() else root)
         return train, Samples([], train.classes)
-    if data and val_data is None and is_index(data):
-        rows = read_index(data)
+    if data and val_data is None and is_listing(data):
+        rows = read_listing(data)
         return Samples(rows.train, rows.classes), Samples(rows.val or [], rows.classes)
     return find_splits(data, val_data, None, seed)
 
@@ -160,7 +160,7 @@ def _out_dir(out: str | None, data: str) -> Path:
     """``--out``, or runs/audit-<data name>: new, empty, or holding an earlier audit's files alone (then replaced).
     Made only once the audit is done, so bad input leaves nothing behind."""
     path = Path(data).resolve()
-    out_dir = Path(out) if out else Path("runs") / f"audit-{path.stem if is_index(data) else path.name}"
+    out_dir = Path(out) if out else Path("runs") / f"audit-{path.stem if is_listing(data) else path.name}"
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out: {out_dir} exists and is not a directory")
     others = sorted(p.name for p in out_dir.iterdir() if p.name not in OUTPUTS) if out_dir.is_dir() else []

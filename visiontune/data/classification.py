@@ -25,9 +25,9 @@ from tqdm import tqdm
 from ..errors import UserError
 from .image_store import ImageStore, StoreWriter, build_lock, room_for, store_dir, store_key
 from .images import BadImage, is_image_file, load_rgb
-from .index import is_index, read_index, read_val_index
+from .index import is_index, read_val_index
 from .multilabel import multi_hot, read_label_file, split_random
-from .shards import is_shards, read_shards, read_val_shards
+from .shards import is_listing, is_shards, read_listing, read_val_shards
 
 log = logging.getLogger("visiontune")
 
@@ -108,7 +108,7 @@ def find_splits(
         )
     if labels:
         return label_file_splits(labels, data, val_data, val_split, seed)
-    if is_index(data) or is_shards(data):
+    if is_listing(data):
         return same_classes(*index_splits(data, val_data, val_split, seed))
     data = Path(data)
     if not data.exists():
@@ -139,7 +139,7 @@ def same_classes(train: Samples, val: Samples) -> tuple[Samples, Samples]:
 
 def index_splits(data: str | Path, val_data: str | Path | None, val_split: float | None, seed: int) -> tuple[Samples, Samples]:
     """--data INDEX or SHARDS: validation from --val-data, else --val-split of its training rows, else split=val rows."""
-    rows = read_shards(data) if is_shards(data) else read_index(data)
+    rows = read_listing(data)
     train = Samples(rows.train, rows.classes)
     if val_data is not None:
         return train, validation_samples(val_data, rows.classes)

@@ -20,13 +20,23 @@ from pathlib import Path, PurePosixPath
 
 from ..errors import UserError
 from .images import IMAGE_EXTENSIONS
-from .index import IndexRows, to_class_indices
+from .index import IndexRows, is_index, read_index, to_class_indices
 from .tar_members import SHARD_SUFFIX, remember
 
 
 def is_shards(data: str | Path | None) -> bool:
     """A ``.tar`` path, brace pattern or glob (a folder so named is still a folder)."""
     return data is not None and str(data).lower().endswith(SHARD_SUFFIX) and not Path(data).is_dir()
+
+
+def is_listing(data: str | Path | None) -> bool:
+    """Input that lists its images, with labels and maybe a split: a CSV/JSONL index or shards."""
+    return data is not None and (is_index(data) or is_shards(data))
+
+
+def read_listing(data: str | Path, what: str = "--data") -> IndexRows:
+    """The rows of an index, or of shards (which have no split column: ``val`` is None)."""
+    return read_shards(data, what) if is_shards(data) else read_index(data, what)
 
 
 def shard_files(spec: str | Path, what: str) -> list[Path]:

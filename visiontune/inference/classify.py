@@ -11,8 +11,8 @@ from torch.utils.data import DataLoader, Dataset
 from ..config import TTA
 from ..data.classification import Samples, load_downsized, open_images, scan_folder
 from ..data.images import expand_inputs
-from ..data.index import is_index, read_index
 from ..data.multilabel import read_label_file
+from ..data.shards import is_listing, read_listing
 from ..data.transforms import classification_eval
 from ..engine.features import default_cache_dir
 from ..engine.frozen import TorchForward, frozen_forward
@@ -96,8 +96,8 @@ def _labelled(data: Path, labels: str | None, meta: ClassifierMeta) -> Samples:
 
 
 def _single_labelled(data: Path) -> Samples:
-    if is_index(data):
-        rows = read_index(data)
+    if is_listing(data):
+        rows = read_listing(data)
         return Samples(rows.val if rows.val is not None else rows.train, rows.classes)
     return scan_folder(data / "val" if (data / "val").is_dir() else data)
 
