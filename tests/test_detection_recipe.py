@@ -10,9 +10,11 @@ import torch
 from detection_helpers import make_pennfudan
 
 from visiontune.config import DetectConfig
+from visiontune.data.formats import load_splits
+from visiontune.data.instance import DetectionDataset
 from visiontune.errors import UserError
 from visiontune.models.detection import build_detector
-from visiontune.tasks.detect import fit, lr_factor, resolve_settings, set_scales
+from visiontune.tasks.detect import epoch_batches, fit, jitter_factors, lr_factor, resolve_settings, set_scales
 
 TINY = dict(min_size=64, max_size=64, quiet=True, backbone_weights="none", seed=0)
 
@@ -27,12 +29,19 @@ def test_the_step_schedule_is_the_tutorials_and_cosine_decays_to_zero_after_the_
     assert all(a >= b for a, b in zip(cosine[9:], cosine[10:])) and cosine[-1] < 0.01
 
 
-def test_scale_jitter_draws_training_sizes_around_min_size_and_evaluates_at_min_size():
+def test_scale_jitter_draws_one_size_per_global_batch_from_the_batch_order_and_evaluates_at_min_size(tmp_path):
+    data = make_pennfudan(tmp_path / "pf", 12)
+    train, _, _ = load_splits(DetectConfig(data=str(data), val_last=2))
+    ds = DetectionDataset(train, train=True)
+    cfg = DetectConfig(min_size=320, max_size=512, scale_jitter=0.25, batch_size=2, seed=3)
+    loaders = [epoch_batches(ds, cfg, epoch, 0) for epoch in (0, 0, 1)]
+    scales = [[{t["scale"] for t in targets} for _, targets in loader] for loader in loaders]
+    assert all(len(s) == 1 and min(s) in jitter_factors(0.25) for s in scales[0])  # one scale a batch
+    assert scales[0] == scales[1] != scales[2]  # a function of (seed, epoch): a resumed epoch draws the same
     model = build_detector("maskrcnn", 2, backbone_weights="none", min_size=320, max_size=512)
-    cfg = DetectConfig(min_size=320, max_size=512, scale_jitter=0.25)
-    set_scales(model, cfg, train=True)
-    assert model.transform.min_size == (240, 267, 293, 320, 347, 373, 400) and model.transform.max_size == 640
-    set_scales(model, cfg, train=False)
+    set_scales(model, cfg, 0.75)
+    assert model.transform.min_size == (240,) and model.transform.max_size == 384
+    set_scales(model, cfg)
     assert model.transform.min_size == (320,) and model.transform.max_size == 512
     model.eval()
     images, _ = model.transform([torch.rand(3, 200, 300)])

@@ -23,13 +23,11 @@ from test_resume import assert_same_run, run_chains
 
 from visiontune import checkpoint as ckpt
 
-# --recipe tutorial: the default's --scale-jitter draws each image's training size from the global RNG inside
-# torchvision's transform, and a run resumed mid-epoch does not draw the same sizes (noted in issue 16; not fixed yet)
+# The default recipe: its --scale-jitter draws each batch's size from the (seed, epoch) generator of the batch order,
+# so a run resumed mid-epoch resizes its batches as the uninterrupted run did
 TRAIN = [
     "detect",
     "train",
-    "--recipe",
-    "tutorial",
     "--backbone",
     "timm:test_efficientnet",
     "--backbone-weights",

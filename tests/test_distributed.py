@@ -270,8 +270,6 @@ def test_two_process_detection_evaluates_every_validation_image_once(tmp_path):
         str(data),
         "--out",
         str(run),
-        "--recipe",  # one training size: the jittered sizes are drawn per process (see tests/test_detection_resume.py)
-        "tutorial",
         "--model",
         "fasterrcnn",
         "--backbone",

@@ -62,12 +62,44 @@ def lr_factor(step: int, steps_per_epoch: int, lr_step: int, schedule: str = "st
     return factor
 
 
-def epoch_batches(dataset: DetectionDataset, batch_size: int, seed: int, epoch: int, workers: int) -> DataLoader:
+def epoch_batches(dataset: DetectionDataset, cfg: DetectConfig, epoch: int, workers: int) -> DataLoader:
     """Batches of similar aspect ratio in an order that depends only on (seed, epoch); under torchrun each process
-    takes its share of every global batch, and each image's flip is seeded by (seed, epoch, index) (distributed.py)."""
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    batches = distributed.split_batches(grouped_batches(dataset, batch_size, g))
-    return DataLoader(distributed.SeededPerSample(dataset, seed, epoch), batch_sampler=batches, collate_fn=collate, num_workers=workers)
+    takes its share of every global batch, and each image's flip is seeded by (seed, epoch, index) (distributed.py).
+    With --scale-jitter each global batch is drawn one of seven scales, from the same generator: a batch needs no
+    padding between sizes, and a resumed or multi-process run resizes as an uninterrupted one does."""
+    g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+    batches = grouped_batches(dataset, cfg.batch_size, g)
+    items = distributed.SeededPerSample(dataset, cfg.seed, epoch)
+    if cfg.scale_jitter:
+        factors = jitter_factors(cfg.scale_jitter)
+        picks = torch.randint(len(factors), (len(batches),), generator=g).tolist()
+        batches = [[(i, factors[k]) for i in b] for b, k in zip(batches, picks)]
+        items = ScaledItems(items)
+    return DataLoader(items, batch_sampler=distributed.split_batches(batches), collate_fn=collate, num_workers=workers)
+
+
+def jitter_factors(jitter: float) -> list[float]:
+    """Seven scales evenly from 1 - jitter to 1 + jitter."""
+    return [1 - jitter + 2 * jitter * k / 6 for k in range(7)]
+
+
+class ScaledItems(torch.utils.data.Dataset):
+    """``dataset[(index, scale)]``: the item, its target carrying the batch's training scale for ``forward``."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, float]):
+        image, target = self.dataset[key[0]]
+        return image, {**target, "scale": key[1]}
+
+
+def set_scales(model, cfg: DetectConfig, scale: float = 1.0) -> None:
+    """The size the model resizes images to: --min-size (and --max-size) times ``scale`` (a batch's, in training)."""
+    model.transform.min_size, model.transform.max_size = (round(cfg.min_size * scale),), round(cfg.max_size * scale)
 
 
 def evaluate_sharded(model, records, classes: list[str], has_masks: bool, device) -> dict:
@@ -79,19 +111,6 @@ def evaluate_sharded(model, records, classes: list[str], has_masks: bool, device
     fault_point("validate")
     results = [r for _, part in parts for r in part]
     return {**coco_metrics(records, results, classes, has_masks), "val_images": sum(n for n, _ in parts)}
-
-
-def set_scales(model, cfg: DetectConfig, train: bool) -> None:
-    """The sizes the model resizes images to: with --scale-jitter in training, one of seven scales around --min-size
-    (torchvision's transform draws one per image; a batch pads to its largest), the longest side allowed to grow alike;
-    else --min-size."""
-    transform = model.transform
-    if not train or cfg.scale_jitter == 0:
-        transform.min_size, transform.max_size = (cfg.min_size,), cfg.max_size
-        return
-    factors = [1 - cfg.scale_jitter + 2 * cfg.scale_jitter * k / 6 for k in range(7)]
-    transform.min_size = tuple(round(cfg.min_size * f) for f in factors)
-    transform.max_size = round(cfg.max_size * (1 + cfg.scale_jitter))
 
 
 def resolve_settings(cfg: DetectConfig) -> DetectConfig:
@@ -177,13 +196,16 @@ class DetectTask:
         return 0
 
     def epoch_loader(self, epoch: int) -> DataLoader:
-        return epoch_batches(self.train_ds, self.cfg.batch_size, self.cfg.seed, epoch, self.workers)
+        return epoch_batches(self.train_ds, self.cfg, epoch, self.workers)
 
     def before_epoch(self, epoch: int) -> None:
-        set_scales(self.model, self.cfg, train=True)
+        set_scales(self.model, self.cfg)
 
     def forward(self, model, batch, device):
         images, targets = batch
+        scales = {t.pop("scale") for t in targets if "scale" in t}
+        if scales:
+            set_scales(self.model, self.cfg, scales.pop())
         images = [im.to(device, non_blocking=True) for im in images]
         targets = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in t.items()} for t in targets]
         loss_dict = model(images, targets)  # loss_classifier, loss_box_reg, loss_mask, loss_objectness, loss_rpn_box_reg
@@ -199,7 +221,7 @@ class DetectTask:
         }
 
     def validate(self, epoch: int, stats: dict, record) -> None:
-        set_scales(self.model, self.cfg, train=False)
+        set_scales(self.model, self.cfg)
         m = evaluate_sharded(self.model, self.val_records, self.data.classes, self.has_masks, self.device)
         overall = {k: v for k, v in m.items() if k != "per_class"}
         shown = "  ".join(f"{k} {m[k]:.3f}" for k in m if k.endswith(("_AP", "_AP50")))
@@ -215,7 +237,7 @@ class DetectTask:
         cfg, data = self.cfg, self.data
         best_sd, _ = ckpt.load_model_file(out / "model.safetensors")
         self.model.load_state_dict(best_sd)
-        set_scales(self.model, cfg, train=False)
+        set_scales(self.model, cfg)
         m, outputs = evaluate_model(self.model, self.val_records, data.classes, self.has_masks, self.device)
         train_seconds = state.history[-1]["elapsed_seconds"] if state.history else 0.0
         metrics = {"task": "detection", **{k: m[k] for k in m if k != "per_class"}}
