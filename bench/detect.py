@@ -147,13 +147,14 @@ EPOCH_KEYS = ("epoch", "train_loss", "loss_mask", *AP_KEYS, "train_seconds", "el
 
 
 def epoch_rows(log: list[dict]) -> list[dict]:
-    return [{k: round(e[k], 4) if isinstance(e[k], float) else e[k] for k in EPOCH_KEYS} for e in log]
+    return [{k: round(e[k], 4) if isinstance(e[k], float) else e[k] for k in EPOCH_KEYS if k in e} for e in log]
 
 
 def budget_comparison(args, data: Path, work: Path) -> dict:
     """Issue 16's --budget mode: each recipe trains and validates for ``args.budget`` minutes (--time-budget; the
     tutorial's schedule may run as many epochs as fit), per seed; per-epoch and final AP, and the mean over seeds."""
-    out = {"benchmark": "detect_budget", "budget_minutes": args.budget, "seeds": args.seeds, "copy_paste": args.copy_paste, "recipes": {}}
+    out = {"benchmark": "detect_budget", "budget_minutes": args.budget, "seeds": args.seeds, "copy_paste": args.copy_paste}
+    out.update(val_every=args.val_every, max_epochs=args.max_epochs, recipes={})
     for recipe in args.recipes.split(","):
         runs = []
         for seed in args.seeds:
@@ -163,8 +164,9 @@ def budget_comparison(args, data: Path, work: Path) -> dict:
                 out=str(run),
                 val_last=args.val_last,
                 recipe=recipe,
-                epochs=None if recipe == "default" else 1000,
+                epochs=args.max_epochs or (None if recipe == "default" else 1000),
                 time_budget=args.budget,
+                val_every=args.val_every,
                 copy_paste=args.copy_paste,
                 min_size=args.min_size,
                 max_size=args.max_size,
@@ -220,6 +222,8 @@ def main() -> None:
     ap.add_argument("--schedule", help="visiontune's LR schedule: step or cosine (default: the recipe's)")
     ap.add_argument("--scale-jitter", type=float, help="visiontune's multi-scale training (default: the recipe's)")
     ap.add_argument("--copy-paste", type=float, help="visiontune's copy-paste probability (default: the recipe's)")
+    ap.add_argument("--val-every", type=int, default=1, help="--budget: validate every N epochs (and the first and last)")
+    ap.add_argument("--max-epochs", type=int, help="--budget: the most epochs each run trains (default: the recipe's)")
     ap.add_argument("--precision", default=DetectConfig.precision, help="visiontune's training precision (the tutorial loop: fp32)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="16 images, 1 epoch, 160-224 px: a few minutes")

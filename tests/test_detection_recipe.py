@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -12,6 +13,7 @@ from detection_helpers import make_pennfudan
 from visiontune.config import DetectConfig
 from visiontune.data.formats import load_splits
 from visiontune.data.instance import DetectionDataset
+from visiontune.engine.loop import fit_epochs_to_budget
 from visiontune.errors import UserError
 from visiontune.models.detection import build_detector
 from visiontune.tasks.detect import epoch_batches, fit, jitter_factors, lr_factor, resolve_settings, set_scales
@@ -78,3 +80,23 @@ def test_time_budget_never_adds_epochs(tmp_path):
     data = make_pennfudan(tmp_path / "pf", n=3)
     m = fit(DetectConfig(data=str(data), out=str(tmp_path / "run"), epochs=2, time_budget=600, val_last=1, **TINY))
     assert m["epochs"] == 2 and len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 2
+
+
+def test_val_every_validates_the_first_every_nth_and_the_last_epoch_and_keeps_a_validated_model(tmp_path):
+    data = make_pennfudan(tmp_path / "pf", n=4)
+    m = fit(DetectConfig(data=str(data), out=str(tmp_path / "run"), epochs=4, val_every=2, val_last=1, **TINY))
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in log] == [1, 2, 3, 4] and all("train_loss" in e for e in log)
+    assert [e["epoch"] for e in log if "bbox_AP" in e] == [1, 2, 4]
+    assert m["best_epoch"] in (1, 2, 4)
+    with pytest.raises(UserError, match="--val-every"):
+        DetectConfig(val_every=0).validate()
+
+
+def test_time_budget_counts_a_share_of_the_validation_per_epoch_with_val_every(tmp_path):
+    """A first epoch of 20 s, 10 of them training, in a 1-minute budget: 3 epochs when each validates, 4 with
+    --val-every 5 (later epochs cost 10 s + 10/5 s)."""
+    for every, expected in ((1, 3), (5, 4)):
+        cfg = DetectConfig(epochs=100, time_budget=1.0, val_every=every)
+        fit_epochs_to_budget(cfg, 20.0, tmp_path, progress=False, train_seconds=10.0)
+        assert cfg.epochs == expected

@@ -211,7 +211,7 @@ class DetectConfig:
     )
     scale_jitter: float | None = setting(
         None,
-        "multi-scale training: each training image resized to --min-size (and --max-size) times a factor in "
+        "multi-scale training: each batch resized to --min-size (and --max-size) times one of seven factors in "
         "[1 - J, 1 + J]; evaluation stays at --min-size (0: off; default: the recipe's)",
     )
     copy_paste: float | None = setting(
@@ -223,17 +223,13 @@ class DetectConfig:
         "training forward passes: auto (bf16 autocast where the hardware computes bf16 natively, "
         "else fp32), bf16 or fp32; evaluation runs in fp32",
     )
-    rois_per_image: int = setting(
-        512,
-        "region proposals sampled per image to train the box and mask heads (torchvision's and the "
-        "tutorial's 512); on Penn-Fudan 256 made a CPU step ~0.86x as long, for 0.01-0.03 less AP "
-        "after 5 epochs except bbox AP50",
-    )
+    rois_per_image: int = setting(512, "region proposals sampled per image to train the box and mask heads (torchvision's, the tutorial's)")
     workers: int | None = setting(None, "DataLoader worker processes (default: 0)")
     seed: int = setting(0, "random seed")
     device: str = setting("auto", "auto, cpu, cuda or mps")
     quiet: bool = setting(False, "no progress bars or per-epoch lines")
     overwrite: bool = setting(False, "replace an existing run directory")
+    val_every: int = setting(1, "validate after the first epoch, every N-th and the last; the kept model is the best validated")
     patience: int = setting(0, "stop after N epochs without a better --monitor value; 0: train every epoch")
     monitor: str = setting(
         "auto",
@@ -255,6 +251,7 @@ class DetectConfig:
         _check_range("--val-last", self.val_last, 1, 10**7)
         _check_range("--rois-per-image", self.rois_per_image, 1, 4096)
         _check_range("--patience", self.patience, 0, 10_000)
+        _check_range("--val-every", self.val_every, 1, 10_000)
         _check_choice("--recipe", self.recipe, tuple(DETECT_RECIPES))
         _check_range("--time-budget", self.time_budget, 1e-3, 10**6)
         if self.schedule is not None:

@@ -16,7 +16,6 @@ import base64
 import html
 import io
 import json
-import math
 from datetime import datetime
 from pathlib import Path
 
@@ -85,11 +84,10 @@ def _curves(history: list[dict]) -> str:
     if not panels:
         return "<p>No numbers per epoch in log.jsonl.</p>"
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.6), squeeze=False)
-    epochs = [h["epoch"] for h in history]
     for ax, (title, ks) in zip(axes[0], panels):
-        for k in ks:
-            ys = [h.get(k) if isinstance(h.get(k), (int, float)) else math.nan for h in history]
-            ax.plot(epochs, ys, marker="o", label=k)
+        for k in ks:  # the epochs that have the number (detection's --val-every leaves some without AP)
+            points = [(h["epoch"], h[k]) for h in history if isinstance(h.get(k), (int, float)) and not isinstance(h.get(k), bool)]
+            ax.plot([e for e, _ in points], [y for _, y in points], marker="o", label=k)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(title)

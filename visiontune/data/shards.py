@@ -6,7 +6,7 @@ folder of the member's name (``tar cf train.tar -C photos/train .`` of class fol
 ``--data`` names one shard, a brace pattern (``train-{000000..000099}.tar``) or a glob (``train-*.tar``).
 
 One pass over each shard's headers lists its samples; each image is then the virtual path ``SHARD.tar/MEMBER``,
-which ``open_image`` reads with one seek. So a set is never unpacked, and the caches, the decoded-image store,
+which ``tar_members.open_image`` reads with one seek. So a set is never unpacked, and the caches, the decoded-image store,
 torchrun's per-process share of each epoch and every message work as they do for files. Plain tar only: a
 compressed shard cannot be read at an offset.
 """
@@ -17,6 +17,8 @@ import glob
 import os
 import tarfile
 from pathlib import Path, PurePosixPath
+
+from braceexpand import braceexpand
 
 from ..errors import UserError
 from .images import IMAGE_EXTENSIONS
@@ -41,8 +43,6 @@ def read_listing(data: str | Path, what: str = "--data") -> IndexRows:
 
 def shard_files(spec: str | Path, what: str) -> list[Path]:
     """The shard files ``spec`` names, in the order given (a glob's matches sorted); each must exist."""
-    from braceexpand import braceexpand
-
     names: list[str] = []
     for pattern in braceexpand(str(spec)):
         names += sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]

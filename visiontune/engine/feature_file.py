@@ -67,6 +67,7 @@ class FeatureWriter:
             f.seek(self.sha_at)
             f.write(digest.encode())
         publish(self.tmp, self.final)
+        self.arrays = self.features = self.labels = None  # unmapped: the file's pages are counted once, by the readers' map
         features, labels = map(torch.from_numpy, map_arrays(self.final, self.header, self.data_start, "c"))
         return features, labels
 

@@ -129,7 +129,7 @@ def fit(task: Task, resume: bool = False, given: dict | None = None) -> dict:
             }
             task.validate(epoch, stats, record)
             if epoch == 0 and getattr(cfg, "time_budget", None):  # detection's --time-budget
-                fit_epochs_to_budget(cfg, state.elapsed(), out, progress)
+                fit_epochs_to_budget(cfg, state.elapsed(), out, progress, stats.get("train_seconds"))
             save(epoch + 1)
             duties.after_epoch(epoch + 1)
 
@@ -138,10 +138,13 @@ def fit(task: Task, resume: bool = False, given: dict | None = None) -> dict:
     return distributed.broadcast_object(metrics)
 
 
-def fit_epochs_to_budget(cfg, first_epoch_seconds: float, out: Path, progress: bool) -> None:
+def fit_epochs_to_budget(cfg, first_epoch_seconds: float, out: Path, progress: bool, train_seconds: float | None = None) -> None:
     """Lower ``cfg.epochs`` to the epochs of the first one's length that fit in ``cfg.time_budget`` minutes (rank 0's
-    clock for every process) and save it in config.yaml, so the schedule ends in time and a resumed run keeps it."""
-    fits = int(cfg.time_budget * 60 // max(first_epoch_seconds, 1e-3))
+    clock for every process) and save it in config.yaml, so the schedule ends in time and a resumed run keeps it.
+    A later epoch costs the first one's training and, with ``--val-every N``, 1/N of what followed it (validation)."""
+    train = train_seconds or first_epoch_seconds
+    later = train + (first_epoch_seconds - train) / getattr(cfg, "val_every", 1)
+    fits = 1 + int(max(0.0, cfg.time_budget * 60 - first_epoch_seconds) // max(later, 1e-3))
     cfg.epochs = distributed.broadcast_object(max(1, min(cfg.epochs, fits)) if distributed.is_main() else None)
     if distributed.is_main():
         ckpt.atomic_write_text(out / "config.yaml", to_yaml(cfg))

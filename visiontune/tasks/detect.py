@@ -221,6 +221,10 @@ class DetectTask:
         }
 
     def validate(self, epoch: int, stats: dict, record) -> None:
+        every = self.cfg.val_every
+        if epoch and (epoch + 1) % every and epoch + 1 < self.cfg.epochs:  # --val-every: a logged epoch, no AP
+            record(epoch, stats, -math.inf, {}, f"loss {stats['train_loss']:.3f}  (validating every {every} epochs)")
+            return
         set_scales(self.model, self.cfg)
         m = evaluate_sharded(self.model, self.val_records, self.data.classes, self.has_masks, self.device)
         overall = {k: v for k, v in m.items() if k != "per_class"}
