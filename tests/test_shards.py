@@ -19,6 +19,7 @@ from visiontune.cli import main
 from visiontune.data.classification import find_splits
 from visiontune.data.images import load_rgb
 from visiontune.errors import UserError
+from visiontune.inference.classify import predict
 
 TINY = ["--model", "timm:test_efficientnet", "--weights", "none", "--image-size", "64", "--quiet", "--seed", "0", "--engine", "torch"]
 
@@ -87,6 +88,8 @@ def test_a_linear_run_on_shards_is_the_run_on_their_folders(tmp_path, capsys):
     capsys.readouterr()
     assert main(["classify", "eval", str(tmp_path / "sharded"), "--data", str(val)]) == 0  # eval reads shards too
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["accuracy"] == sharded["final_val_accuracy"]
+    on_files, on_shard = (predict(tmp_path / "sharded", [where]) for where in (data / "val", val))  # predict reads a shard's images
+    assert [r["predictions"] for r in on_shard] == [r["predictions"] for r in on_files] and ".tar/" in on_shard[0]["path"]
 
 
 def test_workers_stream_members_of_shards_as_they_stream_files(tmp_path):

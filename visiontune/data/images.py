@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import tarfile
 import warnings
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import UserError
-from .tar_members import file_stat, open_image
+from .tar_members import SHARD_SUFFIX, file_stat, member_paths, open_image
 
 # Images above this many pixels are refused (decompression bombs); 8k x 8k is plenty for fine-tuning.
 MAX_PIXELS = 64_000_000
@@ -95,12 +96,17 @@ def to_rgb(im: Image.Image) -> Image.Image:
 
 
 def expand_inputs(inputs: list[str | Path]) -> list[Path]:
-    """Image files, and the image files under folders (sorted), for predict."""
+    """Image files, and the image files under folders or in ``.tar`` shards (sorted), for predict."""
     paths = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
             paths += sorted(q for q in p.rglob("*") if q.is_file() and is_image_file(q))
+        elif p.suffix.lower() == SHARD_SUFFIX and p.is_file():
+            try:
+                paths += [q for q in member_paths(p) if is_image_file(q)]
+            except (tarfile.TarError, OSError) as e:
+                raise UserError(f"{p}: not a plain tar file ({e})") from None
         elif p.exists():
             paths.append(p)
         else:

@@ -73,12 +73,21 @@ def remember(shard: str | Path, members: list[tuple[str, int, int]]) -> None:
 
 def member_place(shard: str, name: str) -> tuple[int, int]:
     """(offset, size) of a member; a shard this process has not listed is listed once."""
+    place = _table(shard).place(name)
+    if place is None:
+        raise FileNotFoundError(f"{shard}/{name}")
+    return place
+
+
+def member_paths(shard: str | Path) -> list[Path]:
+    """The virtual path of every file in a shard, sorted (for predict, which needs no labels)."""
+    return [Path(f"{shard}/{name.decode()}") for name in _table(str(shard)).names]
+
+
+def _table(shard: str) -> MemberTable:
     st = os.stat(shard)
     key = (shard, st.st_size, st.st_mtime_ns)
     if key not in _TABLES:
         with tarfile.open(shard, "r:") as tar:
             remember(shard, [(str(PurePosixPath(m.name)), m.offset_data, m.size) for m in tar if m.isfile()])
-    place = _TABLES[key].place(name)
-    if place is None:
-        raise FileNotFoundError(f"{shard}/{name}")
-    return place
+    return _TABLES[key]

@@ -104,6 +104,8 @@ class GraphForward:
             import openvino as ov
 
             hint = {"INFERENCE_PRECISION_HINT": "bf16" if self.precision == "bf16" else "f32", "INFERENCE_NUM_THREADS": threads}
+            if self.cache_dir is not None:  # OpenVINO keeps the compiled model: a later process opens it ~4x faster
+                hint["CACHE_DIR"] = str(self.cache_dir / "graphs" / "openvino")
             request = ov.Core().compile_model(str(path), "CPU", hint).create_infer_request()
             return lambda x: request.infer({0: x})[0]
         import onnxruntime as ort
