@@ -26,6 +26,7 @@ from .checkpoint import atomic_write
 from .errors import UserError
 from .inference.load import load_classifier, load_detector, read_model_file
 from .meta import ClassifierMeta, DetectorMeta
+from .models.static_padding import for_input_size
 
 PREPROCESSING_NOTE = (
     "RGB; resize the shorter side to resize_size (bilinear, antialiased); center-crop input_size; "
@@ -95,6 +96,7 @@ def _save_onnx_with(tmp: str, props: dict[str, str]) -> None:
 
 
 def _write_onnx(model: torch.nn.Module, example: torch.Tensor, meta: ClassifierMeta, tmp: str) -> None:
+    model = for_input_size(model, example.shape[-1])  # a fixed input size: constant "same" padding
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript-based exporter is deprecated but needs no onnxscript
         torch.onnx.export(

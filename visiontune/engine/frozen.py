@@ -28,6 +28,7 @@ from torch import nn
 from ..checkpoint import atomic_write, atomic_write_text, weights_digest
 from ..config import ENGINES
 from ..errors import UserError
+from ..models.static_padding import for_input_size
 from .runtime import machine_name
 
 log = logging.getLogger("visiontune")
@@ -118,7 +119,9 @@ class GraphForward:
 
 
 def write_onnx(module: nn.Module, example: torch.Tensor, path: str | Path, input_name: str, output_name: str) -> None:
-    """``module`` as an ONNX graph (opset 17) taking a batch of any size of ``example``'s shape."""
+    """``module`` as an ONNX graph (opset 17) taking a batch of any size of ``example``'s shape; "same" padding is
+    constant for that size (models/static_padding.py)."""
+    module = for_input_size(module, example.shape[-1])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript-based exporter is deprecated but needs no onnxscript
         torch.onnx.export(
@@ -134,7 +137,7 @@ def write_onnx(module: nn.Module, example: torch.Tensor, path: str | Path, input
 
 
 def graph_path(cache_dir: Path, name: str, module: nn.Module, size: int) -> Path:
-    digest = hashlib.sha256(f"{weights_digest(module.state_dict())}|{size}|{torch.__version__}".encode()).hexdigest()[:20]
+    digest = hashlib.sha256(f"{weights_digest(module.state_dict())}|{size}|{torch.__version__}|static-pad".encode()).hexdigest()[:20]
     return cache_dir / "graphs" / f"{''.join(c if c.isalnum() or c in '-_' else '_' for c in name)}-{digest}.onnx"
 
 
