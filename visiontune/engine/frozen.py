@@ -32,6 +32,7 @@ from ..models.static_padding import for_input_size
 from .runtime import machine_name
 
 log = logging.getLogger("visiontune")
+GRAPH_FORMAT = "graph 2"  # 2: constant "same" padding; part of the graph file's name and of a remembered timing's key
 GRAPH_ENGINES = {"onnxruntime": ("onnxruntime", "fp32"), "openvino": ("openvino", "fp32"), "openvino-bf16": ("openvino", "bf16")}
 
 
@@ -137,7 +138,7 @@ def write_onnx(module: nn.Module, example: torch.Tensor, path: str | Path, input
 
 
 def graph_path(cache_dir: Path, name: str, module: nn.Module, size: int) -> Path:
-    digest = hashlib.sha256(f"{weights_digest(module.state_dict())}|{size}|{torch.__version__}|static-pad".encode()).hexdigest()[:20]
+    digest = hashlib.sha256(f"{weights_digest(module.state_dict())}|{size}|{torch.__version__}|{GRAPH_FORMAT}".encode()).hexdigest()[:20]
     return cache_dir / "graphs" / f"{''.join(c if c.isalnum() or c in '-_' else '_' for c in name)}-{digest}.onnx"
 
 
@@ -172,7 +173,8 @@ def frozen_forward(
     candidates = [TorchForward(module, bf16)] + [
         GraphForward(name, module, size, cache_dir, e, spin) for e in ("onnxruntime", "openvino") if importlib.util.find_spec(e)
     ]
-    key = f"{machine_name(torch.device('cpu'))} | {name} | {size}px batch {batch_size} | {' vs '.join(c.name for c in candidates)}"
+    engines = " vs ".join(c.name for c in candidates)
+    key = f"{machine_name(torch.device('cpu'))} | {name} | {size}px batch {batch_size} | {engines} | {GRAPH_FORMAT}"
     fastest = _fastest(key, candidates, size, batch_size, cache_dir)
     return next(c for c in candidates if c.name == fastest)
 
