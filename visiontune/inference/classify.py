@@ -38,7 +38,9 @@ def classifier_forward(run_or_file: str | Path, device: str = "auto", engine: st
     model, meta = load_classifier(run_or_file, device)
     if next(model.parameters()).device.type != "cpu":
         return TorchForward(model), meta
-    return frozen_forward(f"{meta.model}-classifier", model, meta.preprocessing.input_size, engine, cache_dir=default_cache_dir()), meta
+    size, cache = meta.preprocessing.input_size, default_cache_dir()
+    # spin=False: the engine's threads sleep between batches while DataLoader workers decode the next on the same cores
+    return frozen_forward(f"{meta.model}-classifier", model, size, engine, cache_dir=cache, spin=False), meta
 
 
 def with_tta(forward, tta: str, multi_label: bool = False):
