@@ -47,7 +47,7 @@ def file_stat(path: str | Path) -> os.stat_result:
 
 class MemberTable:
     """One shard's members as sorted fixed-width names and their (offset, size): numpy arrays, so a million members
-    cost ~100 bytes each and DataLoader workers share the parent's pages (no reference counts to copy them)."""
+    cost tens of MB and DataLoader workers share the parent's pages (no reference counts to copy them)."""
 
     def __init__(self, members: list[tuple[str, int, int]]):
         members = sorted({name: (name, offset, size) for name, offset, size in members}.values())  # a name twice: the last
