@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 
 from .checkpoint import atomic_write
+from .engine.frozen import write_onnx
 from .errors import UserError
 from .inference.load import load_classifier, load_detector, read_model_file
 from .meta import ClassifierMeta, DetectorMeta
-from .models.static_padding import for_input_size
 
 PREPROCESSING_NOTE = (
     "RGB; resize the shorter side to resize_size (bilinear, antialiased); center-crop input_size; "
@@ -96,19 +96,7 @@ def _save_onnx_with(tmp: str, props: dict[str, str]) -> None:
 
 
 def _write_onnx(model: torch.nn.Module, example: torch.Tensor, meta: ClassifierMeta, tmp: str) -> None:
-    model = for_input_size(model, example.shape[-1])  # a fixed input size: constant "same" padding
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript-based exporter is deprecated but needs no onnxscript
-        torch.onnx.export(
-            model,
-            (example,),
-            tmp,
-            dynamo=False,
-            input_names=["images"],
-            output_names=["logits"],
-            dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
-            opset_version=17,
-        )
+    write_onnx(model, example, tmp, "images", "logits")  # the frozen-pass graph writer: constant "same" padding too
     _save_onnx_with(tmp, _classifier_props(meta))
 
 
