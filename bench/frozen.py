@@ -5,8 +5,8 @@ In one invocation, each runner in its own process, one after another:
   eager fp32, bf16 autocast (where native) and ONNX Runtime fp32 (the graph visiontune writes), after warm-up.
 - ``linear``: hymenoptera ``--strategy linear`` (default recipe) with a cold feature cache, per seed: this code with
   ``--engine auto`` (the engine's one-time graph and probe already made: a machine's first run also pays those, reported
-  once as ``first_run``), the same with ``--engine torch`` and ``openvino-bf16`` (for its accuracy), and the code at
-  ``--baseline-ref`` (before engines existed).
+  once as ``first_run``), the same with ``--engine onnxruntime``, ``torch`` and ``openvino-bf16`` (for their accuracy:
+  under bf16, auto may choose the last), and the code at ``--baseline-ref`` (before engines existed).
   Wall seconds count from ``fit`` (after imports), as bench/classify.py does; feature-extraction images/s from metrics.json.
 - ``predict``: ``visiontune.predict`` images/s on val/ (after a warm-up call), this code and the baseline's.
 
@@ -131,7 +131,8 @@ def main() -> None:
         report["standalone"] = spawn(REPO, "standalone")
         data = str(Path(args.data).resolve())
         report["first_run"] = spawn(REPO, "linear", data=data, seed=0, cache=tmp / "c-auto", out=tmp / "first", engine="auto")
-        variants = (("auto", REPO, "auto"), ("torch", REPO, "torch"), ("openvino-bf16", REPO, "openvino-bf16"), ("baseline", baseline, ""))
+        engines = ("auto", "onnxruntime", "torch", "openvino-bf16")
+        variants = tuple((e, REPO, e) for e in engines) + (("baseline", baseline, ""),)
         runs = {name: [] for name, _, _ in variants}
         for seed in range(args.seeds):  # interleaved, so drifting machine speed hits all alike
             for name, code, engine in variants:
