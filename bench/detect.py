@@ -154,7 +154,9 @@ def budget_comparison(args, data: Path, work: Path) -> dict:
     """Issue 16's --budget mode: each recipe trains and validates for ``args.budget`` minutes (--time-budget; the
     tutorial's schedule may run as many epochs as fit), per seed; per-epoch and final AP, and the mean over seeds."""
     out = {"benchmark": "detect_budget", "budget_minutes": args.budget, "seeds": args.seeds, "copy_paste": args.copy_paste}
-    out.update(val_every=args.val_every, max_epochs=args.max_epochs, recipes={})
+    out.update(
+        val_every=args.val_every, max_epochs=args.max_epochs, min_size=args.min_size, max_size=args.max_size, ema=args.ema, recipes={}
+    )
     for recipe in args.recipes.split(","):
         runs = []
         for seed in args.seeds:
@@ -168,6 +170,7 @@ def budget_comparison(args, data: Path, work: Path) -> dict:
                 time_budget=args.budget,
                 val_every=args.val_every,
                 copy_paste=args.copy_paste,
+                ema=args.ema,
                 min_size=args.min_size,
                 max_size=args.max_size,
                 seed=seed,
@@ -222,6 +225,7 @@ def main() -> None:
     ap.add_argument("--schedule", help="visiontune's LR schedule: step or cosine (default: the recipe's)")
     ap.add_argument("--scale-jitter", type=float, help="visiontune's multi-scale training (default: the recipe's)")
     ap.add_argument("--copy-paste", type=float, help="visiontune's copy-paste probability (default: the recipe's)")
+    ap.add_argument("--ema", type=float, help="visiontune's weight average, decay per step (default: the recipe's)")
     ap.add_argument("--val-every", type=int, default=1, help="--budget: validate every N epochs (and the first and last)")
     ap.add_argument("--max-epochs", type=int, help="--budget: the most epochs each run trains (default: the recipe's)")
     ap.add_argument("--precision", default=DetectConfig.precision, help="visiontune's training precision (the tutorial loop: fp32)")
@@ -259,6 +263,7 @@ def main() -> None:
         schedule=args.schedule,
         scale_jitter=args.scale_jitter,
         copy_paste=args.copy_paste,
+        ema=args.ema,
         precision=args.precision,
         seed=args.seed,
         quiet=True,
@@ -279,6 +284,7 @@ def main() -> None:
         "schedule": cfg.schedule,
         "scale_jitter": cfg.scale_jitter,
         "copy_paste": cfg.copy_paste,
+        "ema": cfg.ema,
         "batch_size": cfg.batch_size,
         "lr": cfg.lr,
         "clip_grad": cfg.clip_grad,

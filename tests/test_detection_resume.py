@@ -24,10 +24,13 @@ from test_resume import assert_same_run, run_chains
 from visiontune import checkpoint as ckpt
 
 # The default recipe: its --scale-jitter draws each batch's size from the (seed, epoch) generator of the batch order,
-# so a run resumed mid-epoch resizes its batches as the uninterrupted run did
+# so a run resumed mid-epoch resizes its batches as the uninterrupted run did; with a weight average (--ema), which the
+# checkpoint carries: the kept model is the average, so a resume that lost it would end with other weights
 TRAIN = [
     "detect",
     "train",
+    "--ema",
+    "0.9",
     "--backbone",
     "timm:test_efficientnet",
     "--backbone-weights",

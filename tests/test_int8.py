@@ -25,7 +25,7 @@ def test_int8_export_agrees_with_fp32_and_predicts_like_an_fp32_file(tmp_path, c
         assert main(["classify", "predict", str(model), str(data / "train")]) == 0
         top1[model] = [json.loads(line)["predictions"][0]["label"] for line in capsys.readouterr().out.splitlines()]
     assert len(top1[run]) == 16 and sum(a == b for a, b in zip(top1[run], top1[out])) >= 15
-    for model, engines in ((run, {"torch fp32", "onnxruntime fp32", "openvino fp32"}), (out, {"onnxruntime (file)"})):
+    for model, engines in ((run, {"torch fp32", "onnxruntime fp32", "openvino fp32"}), (out, {"onnxruntime (file)", "openvino (file)"})):
         capsys.readouterr()
         assert main(["benchmark", str(model), "--calls", "10"]) == 0
         timed = json.loads(capsys.readouterr().out)["engines"]

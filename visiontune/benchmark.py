@@ -2,20 +2,23 @@
 
 Single-image latency (p50 and p90 over many calls, after warm-up) and batched throughput (images/s at batch 32) for
 PyTorch eager (fp32), the run's ONNX graph on ONNX Runtime and on OpenVINO (fp32), or for an exported ``.onnx`` file
-(fp32 or INT8) on ONNX Runtime. Random inputs of the model's input size: the numbers are the model's, not decoding's.
+(fp32 or INT8) on ONNX Runtime and OpenVINO. Random inputs of the model's input size: the numbers are the model's,
+not decoding's.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from .engine.frozen import GraphForward, TorchForward
+from .engine.frozen import GraphForward, TorchForward, open_graph
 from .inference.load import OnnxClassifier, load_classifier
 
 
@@ -27,6 +30,8 @@ def benchmark(run_or_file: str | Path, calls: int = 100, threads: int | None = N
         if str(run_or_file).endswith(".onnx"):
             model = OnnxClassifier(run_or_file)
             engines, size = {"onnxruntime (file)": model}, model.meta.preprocessing.input_size
+            if importlib.util.find_spec("openvino"):  # the same file, fp32 or INT8, on OpenVINO: Intel CPUs' runtime
+                engines["openvino (file)"] = numpy_forward(open_graph(Path(run_or_file), "openvino"))
         else:
             module, meta = load_classifier(run_or_file, "cpu")
             size = meta.preprocessing.input_size
@@ -37,6 +42,11 @@ def benchmark(run_or_file: str | Path, calls: int = 100, threads: int | None = N
     report = {"model": str(run_or_file), "threads": torch.get_num_threads(), "input_size": size, "engines": results}
     print(json.dumps(report, indent=1))
     return report
+
+
+def numpy_forward(run):
+    """A numpy batch -> numpy callable as a tensor -> tensor one."""
+    return lambda x: torch.from_numpy(np.ascontiguousarray(run(x.float().contiguous().numpy())))
 
 
 def _measure(forward, size: int, calls: int) -> dict:

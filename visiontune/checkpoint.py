@@ -164,12 +164,19 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
 
 
 def save_training_state(
-    path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, meta: dict[str, Any]
+    path: str | Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    meta: dict[str, Any],
+    extra: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Everything needed to resume: model, optimizer, scheduler, RNG, and the caller's progress in ``meta``."""
+    """Everything needed to resume: model, optimizer, scheduler, RNG, the caller's progress in ``meta`` and its
+    ``extra`` tensors (the weight average), which ``load_training_state`` returns as ``meta["extra"]``."""
     opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
     rng_tensors, rng_meta = rng_state()
     tensors = {f"model/{k}": v for k, v in model.state_dict().items()} | opt_tensors | rng_tensors
+    tensors |= {f"extra/{k}": v for k, v in (extra or {}).items()}
     meta = _with_ours(
         meta, kind="training_state", optimizer=opt_meta, scheduler=scheduler.state_dict() if scheduler else None, rng=rng_meta
     )
@@ -195,7 +202,7 @@ def load_training_state(path: str | Path, model: torch.nn.Module, optimizer: tor
     if scheduler is not None and meta.get("scheduler") is not None:
         scheduler.load_state_dict(meta["scheduler"])
     set_rng_state(tensors, meta["rng"])
-    return meta
+    return {**meta, "extra": {k[6:]: v for k, v in tensors.items() if k.startswith("extra/")}}
 
 
 def resume_loader(loader, batches_done: int):

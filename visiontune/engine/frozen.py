@@ -102,22 +102,29 @@ class GraphForward:
         return self._load(path)
 
     def _load(self, path: Path):
-        threads = torch.get_num_threads()
-        if self.runtime == "openvino":
-            import openvino as ov
+        return open_graph(path, self.runtime, self.precision, self.spin, self.cache_dir)
 
-            hint = {"INFERENCE_PRECISION_HINT": "bf16" if self.precision == "bf16" else "f32", "INFERENCE_NUM_THREADS": threads}
-            if self.cache_dir is not None:  # OpenVINO keeps the compiled model: a later process opens it ~4x faster
-                hint["CACHE_DIR"] = str(self.cache_dir / "graphs" / "openvino")
-            request = ov.Core().compile_model(str(path), "CPU", hint).create_infer_request()
-            return lambda x: request.infer({0: x})[0]
-        import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spin else "0")
-        session = ort.InferenceSession(path.read_bytes(), options, providers=["CPUExecutionProvider"])
-        return lambda x: session.run(None, {"images": x})[0]
+def open_graph(path: Path, runtime: str, precision: str = "fp32", spin: bool = True, cache_dir: Path | None = None):
+    """An ONNX file on ``runtime`` (onnxruntime or openvino) with this process's threads: numpy batch -> first output.
+    OpenVINO computes in ``precision`` where the file has floating-point ops (it would pick bf16 on its own)."""
+    threads = torch.get_num_threads()
+    if runtime == "openvino":
+        import openvino as ov
+
+        hint = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32", "INFERENCE_NUM_THREADS": threads}
+        if cache_dir is not None:  # OpenVINO keeps the compiled model: a later process opens it ~4x faster
+            hint["CACHE_DIR"] = str(cache_dir / "graphs" / "openvino")
+        request = ov.Core().compile_model(str(path), "CPU", hint).create_infer_request()
+        return lambda x: request.infer({0: x})[0]
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    session = ort.InferenceSession(Path(path).read_bytes(), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda x: session.run(None, {name: x})[0]
 
 
 def write_onnx(module: nn.Module, example: torch.Tensor, path: str | Path, input_name: str, output_name: str) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
@@ -25,6 +26,7 @@ from ..errors import UserError
 from ..faults import fault_point
 from ..runs import append_jsonl, check_out_dir, open_run_dir, resume_config, write_jsonl
 from . import distributed
+from .ema import WeightAverage
 from .resume import RunState, StepCheckpoints, restore, save_last, stop_on_interrupt
 from .runtime import Diverged, seed_everything, select_device, tensorboard_writer, use_bf16
 
@@ -74,12 +76,14 @@ def fit(task: Task, resume: bool = False, given: dict | None = None) -> dict:
     optimizer, scheduler, steps_per_epoch = task.optimizer(first_epoch)
     data_check = {**task.data_check(), "steps_per_epoch": steps_per_epoch}
 
+    average = WeightAverage(task.model, cfg.ema) if getattr(cfg, "ema", 0) else None  # detection's --ema
+
     def save(epoch: int, step: int = 0, totals: dict | None = None) -> None:
-        save_last(last, task.model, optimizer, scheduler, state, data_check, epoch, step, totals)
+        save_last(last, task.model, optimizer, scheduler, state, data_check, epoch, step, totals, average)
 
     first_step, totals = 0, None
     if from_checkpoint:
-        first_epoch, first_step, totals = restore(last, task.model, optimizer, scheduler, state, data_check, cfg.data)
+        first_epoch, first_step, totals = restore(last, task.model, optimizer, scheduler, state, data_check, cfg.data, average)
         if progress:
             print(f"resuming {out} at epoch {first_epoch + 1}/{cfg.epochs}, step {first_step}/{steps_per_epoch}", flush=True)
     elif first_epoch:
@@ -88,15 +92,8 @@ def fit(task: Task, resume: bool = False, given: dict | None = None) -> dict:
         write_jsonl(out / "log.jsonl", state.history)  # drops lines logged after the checkpoint (all, without one)
 
     with stop_on_interrupt() as stop:
-        duties = StepCheckpoints(
-            stop,
-            save,
-            cfg.checkpoint_every,
-            steps_per_epoch,
-            last,
-            f"visiontune {task.command} train --resume {out}",
-            distributed.any_process,
-        )
+        resume_command = f"visiontune {task.command} train --resume {out}"
+        duties = StepCheckpoints(stop, save, cfg.checkpoint_every, steps_per_epoch, last, resume_command, distributed.any_process)
         epoch = first_epoch - 1
         while (epoch := epoch + 1) < cfg.epochs:  # --time-budget may lower cfg.epochs after the first epoch
             if out_of_patience(cfg.patience, cfg.monitor, state, epoch, progress):
@@ -119,7 +116,7 @@ def fit(task: Task, resume: bool = False, given: dict | None = None) -> dict:
                 start_step=first_step,
                 totals=totals,
                 bf16=train_bf16,
-                after_step=partial(duties.after_step, epoch),
+                after_step=partial(after_step, duties, average, task.model, epoch),
             )
             first_step, totals = 0, None
             stats = {
@@ -127,7 +124,8 @@ def fit(task: Task, resume: bool = False, given: dict | None = None) -> dict:
                 "lr": optimizer.param_groups[-1]["lr"],
                 "precision": "bf16" if train_bf16 else "fp32",
             }
-            task.validate(epoch, stats, record)
+            with average.swapped_in(task.model) if average else nullcontext():  # validated and kept: the average
+                task.validate(epoch, stats, record)
             if epoch == 0 and getattr(cfg, "time_budget", None):  # detection's --time-budget
                 fit_epochs_to_budget(cfg, state.elapsed(), out, progress, stats.get("train_seconds"))
             save(epoch + 1)
@@ -136,6 +134,13 @@ def fit(task: Task, resume: bool = False, given: dict | None = None) -> dict:
     fault_point("finish")
     metrics = task.finish(out, state) if distributed.is_main() else None
     return distributed.broadcast_object(metrics)
+
+
+def after_step(duties: StepCheckpoints, average: WeightAverage | None, model, epoch: int, step: int, totals: dict) -> None:
+    """Between steps: the weight average moves, then checkpoints and Ctrl-C (which save it)."""
+    if average is not None:
+        average.update(model)
+    duties.after_step(epoch, step, totals)
 
 
 def fit_epochs_to_budget(cfg, first_epoch_seconds: float, out: Path, progress: bool, train_seconds: float | None = None) -> None:

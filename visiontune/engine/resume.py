@@ -16,6 +16,7 @@ from .. import checkpoint as ckpt
 from ..errors import UserError
 from ..faults import fault_point
 from . import distributed
+from .ema import WeightAverage
 
 
 @dataclass
@@ -34,11 +35,20 @@ class RunState:
 
 
 def save_last(
-    path: Path, model, optimizer, scheduler, state: RunState, data_check: dict, epoch: int, step: int = 0, totals: dict | None = None
+    path: Path,
+    model,
+    optimizer,
+    scheduler,
+    state: RunState,
+    data_check: dict,
+    epoch: int,
+    step: int = 0,
+    totals: dict | None = None,
+    average: WeightAverage | None = None,
 ) -> None:
-    """The ``last`` checkpoint: ``epoch`` epochs done and ``step`` batches of the next (with their running ``totals``).
-
-    ``data_check`` is what a resumed run's data must match. Under torchrun every process calls this; rank 0 writes.
+    """The ``last`` checkpoint: ``epoch`` epochs done and ``step`` batches of the next (with their running ``totals``),
+    and the weight average (``--ema``). ``data_check`` is what a resumed run's data must match. Under torchrun every
+    process calls this; rank 0 writes.
     """
     totals = distributed.reduce_stats(totals) if totals else totals  # averaged: each process resumes from the mean
     if distributed.is_main():
@@ -58,13 +68,22 @@ def save_last(
                 "world_size": distributed.world_size(),
                 "data": data_check,
             },
+            average.tensors() if average is not None else None,
         )
 
 
-def restore(path: Path, model, optimizer, scheduler, state: RunState, data_check: dict, data: str) -> tuple[int, int, dict | None]:
-    """Load ``last`` into the model, optimizer, scheduler, RNG and ``state``; returns (epoch, step, epoch totals)."""
+def restore(
+    path: Path, model, optimizer, scheduler, state: RunState, data_check: dict, data: str, average: WeightAverage | None = None
+) -> tuple[int, int, dict | None]:
+    """Load ``last`` into the model, optimizer, scheduler, RNG, ``state`` and the weight average; returns (epoch,
+    step, epoch totals)."""
     saved = ckpt.load_training_state(path, model, optimizer, scheduler)  # restores the RNG state too
     distributed.check_resume(saved, path)
+    if average is not None:
+        try:
+            average.load(saved["extra"])
+        except KeyError as e:
+            raise UserError(f"{path}: {e.args[0]}; resume with the run's own settings (--ema)") from None
     if saved.get("data", data_check) != data_check:  # (checkpoints of earlier versions lack "data")
         raise UserError(
             f"--resume: the images in {data} changed since {path} was saved "
