@@ -188,6 +188,12 @@ def frozen_forward(
     return next(c for c in candidates if c.name == fastest)
 
 
+def engine_setting(name: str) -> str:
+    """The ``--engine`` value that runs the engine called ``name`` ("onnxruntime fp32" -> "onnxruntime")."""
+    by_name = {f"{runtime} {precision}": key for key, (runtime, precision) in GRAPH_ENGINES.items()}
+    return by_name.get(name, "torch")
+
+
 def _fastest(key: str, candidates: list, size: int, batch_size: int, cache_dir: Path | None) -> str:
     """The name of the fastest candidate: remembered in ``cache_dir``/engines.json, else timed now on a random batch."""
     cache_file = cache_dir / "engines.json" if cache_dir is not None else None

@@ -58,9 +58,20 @@ class Classifier(nn.Module):
         self.info = backbone  # name, preprocessing, stages (not a module)
         self.head_kind = head
         self._frozen: list[str] = []
+        self._prefix = None  # (engine running the frozen prefix, the rest of the backbone): see run_prefix_on
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone(x)
+        if self._prefix is None:
+            return self.backbone(x)
+        engine, rest = self._prefix
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):  # the engine's own precision, no graph
+            h = engine(x)
+        return rest(h.to(x.device).contiguous(memory_format=torch.channels_last))
+
+    def run_prefix_on(self, engine, rest) -> None:
+        """Compute the frozen prefix with ``engine`` (a callable on the prefix module of models/prefix.py) and the
+        rest of the backbone with ``rest``; ``run_prefix_on(None, None)`` goes back to the whole backbone."""
+        self._prefix = (engine, rest) if engine is not None else None
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         return self.head(features)
@@ -71,7 +82,7 @@ class Classifier(nn.Module):
     # -- freezing ------------------------------------------------------------------------------------
     def set_frozen(self, prefixes: list[str]) -> None:
         """Freeze backbone modules by name prefix ("" = the whole backbone); unfreeze the rest."""
-        self._frozen = list(prefixes)
+        self._frozen, self._prefix = list(prefixes), None
         for name, p in self.backbone.named_parameters():
             p.requires_grad_(not self._is_frozen(name))
         for p in self.head.parameters():

@@ -24,7 +24,7 @@ from ..data.classification import find_splits, open_images
 from ..data.transforms import classification_eval, classification_train
 from ..engine import distributed, loop, wise
 from ..engine.features import cache_folder, cached_extract, default_cache_dir
-from ..engine.frozen import frozen_forward
+from ..engine.frozen import engine_setting, frozen_forward
 from ..engine.runtime import faster_in_bf16
 from ..errors import UserError
 from ..faults import fault_point
@@ -33,6 +33,7 @@ from ..metrics.classification import class_weights, predict_logits
 from ..metrics.label_issues import training_suspects
 from ..models.backbones import build_backbone
 from ..models.classifier import Classifier
+from ..models.prefix import split_frozen_prefix
 from ..runs import write_json
 from ..strategies import AUTO, STRATEGIES, WHOLE_BACKBONE, Recipe, recipe_for
 from .cached_head import SKLEARN_HEADS, train_head_on_features
@@ -75,6 +76,7 @@ class ClassifyTask:
     def __init__(self, cfg: ClassifyConfig):
         self.cfg, self.advice, self.val_features, self.frozen, self.suspects = cfg, None, None, None, None
         self.feature_timing: dict[str, dict] = {}  # per split: images, seconds, images/s of a feature pass (not a cache hit)
+        self.prefixes: dict[str, tuple | None] = {}  # per phase: (engine, rest) running its frozen prefix, or None
 
     def resolve(self, cfg: ClassifyConfig) -> ClassifyConfig:
         if cfg.labels:
@@ -225,6 +227,27 @@ class ClassifyTask:
     def before_epoch(self, epoch: int) -> None:
         self.phase = strategies.phase_at(self.phases, epoch)
         strategies.apply(self.model, self.phase)
+        if self.phase.name not in self.prefixes:
+            self.prefixes[self.phase.name] = self._prefix_engine()
+        if self.prefixes[self.phase.name] is not None:
+            self.model.run_prefix_on(*self.prefixes[self.phase.name])
+
+    def _prefix_engine(self) -> tuple | None:
+        """partial on the CPU: (engine, rest) where the engine measured faster than PyTorch runs the frozen stages
+        (models/prefix.py); None where PyTorch is faster or the backbone cannot be cut."""
+        split = split_frozen_prefix(self.model.backbone, list(self.phase.frozen)) if self.device.type == "cpu" else None
+        if split is None:
+            return None
+        prefix, rest = split
+        name, size = f"{self.meta.model}-prefix{len(prefix)}", self.meta.preprocessing.input_size
+        main = distributed.is_main()  # rank 0 chooses, every process runs its choice: the same numbers as one process
+        engine = frozen_forward(name, prefix, size, self.cfg.engine, self.bf16, self.cache_dir, spin=False) if main else None
+        chosen = distributed.broadcast_object(engine_setting(engine.name) if main else None)
+        if chosen == "torch":
+            return None
+        if not main:
+            engine = frozen_forward(name, prefix, size, chosen, self.bf16, self.cache_dir, spin=False)
+        return engine, rest
 
     def forward(self, model, batch, device):
         x, y = batch
@@ -296,6 +319,9 @@ class ClassifyTask:
         metrics["image_loading"] = self.image_loading  # decoding (ram, disk) or reading headers (none) before training
         if self.frozen is not None:  # this process computed or read features (a resumed run may have done neither)
             metrics["feature_extraction"] = {"engine": self.frozen.name, **{split: t for split, t in self.feature_timing.items() if t}}
+        engines = {ph: p[0].name for ph, p in self.prefixes.items() if p is not None}
+        if engines:
+            metrics["frozen_prefix_engine"] = engines
         if self.meta.advice:
             metrics["advice"] = self.meta.advice
         if self.suspects is not None:
