@@ -15,7 +15,7 @@ from visiontune.engine import wise
 def test_inside_the_average_and_after_exactly_the_weights_before():
     torch.manual_seed(0)
     m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
-    pretrained = wise.pretrained_snapshot(m)
+    pretrained = wise.snapshot(m)
     with torch.no_grad():
         for p in m.parameters():
             p.add_(torch.randn_like(p))

@@ -9,11 +9,10 @@ modern detector recipes). The average is part of the checkpoint, so a resumed ru
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import torch
 from torch import nn
+
+from .wise import holding, snapshot
 
 
 class WeightAverage:
@@ -21,7 +20,7 @@ class WeightAverage:
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
-        self.average = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+        self.average = snapshot(model)
         self.updates = 0
 
     @torch.no_grad()
@@ -32,20 +31,9 @@ class WeightAverage:
         for key, average in self.average.items():
             average.lerp_(state[key].detach().to(average.dtype), 1 - d)
 
-    @contextmanager
-    def swapped_in(self, model: nn.Module) -> Iterator[None]:
+    def swapped_in(self, model: nn.Module):
         """``model`` holds the average inside the block (to validate and keep it), its own weights again after."""
-        state = model.state_dict()
-        own = {k: state[k].detach().clone() for k in self.average}
-        with torch.no_grad():
-            for key, average in self.average.items():
-                state[key].copy_(average)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for key, weight in own.items():
-                    state[key].copy_(weight)
+        return holding(model, self.average)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """What a checkpoint keeps: the average and the number of updates."""

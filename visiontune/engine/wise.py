@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 
-def pretrained_snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
     """Copies of the module's floating-point weights and buffers (BatchNorm statistics included)."""
     return {k: v.detach().clone() for k, v in module.state_dict().items() if v.is_floating_point()}
 
@@ -25,10 +25,18 @@ def averaged_with(module: nn.Module, pretrained: dict[str, torch.Tensor] | None,
         yield
         return
     live = module.state_dict()
-    kept = {k: live[k].detach().clone() for k in pretrained}
+    with holding(module, {k: live[k].lerp(p.to(live[k].device), 1.0 - alpha) for k, p in pretrained.items()}):
+        yield
+
+
+@contextmanager
+def holding(module: nn.Module, values: dict[str, torch.Tensor]):
+    """Inside: the module's tensors named in ``values`` hold them; after: bit for bit what they held before."""
+    live = module.state_dict()
+    kept = {k: live[k].detach().clone() for k in values}
     with torch.no_grad():
-        for k, p in pretrained.items():
-            live[k].lerp_(p.to(live[k].device), 1.0 - alpha)
+        for k, v in values.items():
+            live[k].copy_(v)
     try:
         yield
     finally:

@@ -101,7 +101,7 @@ class ClassifyTask:
         self.model = Classifier(backbone, len(self.train_s.classes), head=cfg.head, bank_size=bank_size)
         # WiSE-FT averages with the pretrained base; taken before a resume loads the checkpoint, so it is the same then
         keep_base = cfg.wise_alpha < 1.0 and backbone.pretrained != "none"
-        self.pretrained_base = wise.pretrained_snapshot(self.model.backbone) if keep_base else None
+        self.pretrained_base = wise.snapshot(self.model.backbone) if keep_base else None
         self.phases = strategies.plan(
             cfg.strategy,
             backbone.stages,
