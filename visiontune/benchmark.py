@@ -13,12 +13,12 @@ import json
 import statistics
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from .engine.frozen import GraphForward, TorchForward, open_graph
+from .engine.frozen import GraphForward, TorchForward, open_graph, tensor_call
 from .inference.load import OnnxClassifier, load_classifier
 
 
@@ -31,7 +31,7 @@ def benchmark(run_or_file: str | Path, calls: int = 100, threads: int | None = N
             model = OnnxClassifier(run_or_file)
             engines, size = {"onnxruntime (file)": model}, model.meta.preprocessing.input_size
             if importlib.util.find_spec("openvino"):  # the same file, fp32 or INT8, on OpenVINO: Intel CPUs' runtime
-                engines["openvino (file)"] = numpy_forward(open_graph(Path(run_or_file), "openvino"))
+                engines["openvino (file)"] = partial(tensor_call, open_graph(Path(run_or_file), "openvino"))
         else:
             module, meta = load_classifier(run_or_file, "cpu")
             size = meta.preprocessing.input_size
@@ -42,11 +42,6 @@ def benchmark(run_or_file: str | Path, calls: int = 100, threads: int | None = N
     report = {"model": str(run_or_file), "threads": torch.get_num_threads(), "input_size": size, "engines": results}
     print(json.dumps(report, indent=1))
     return report
-
-
-def numpy_forward(run):
-    """A numpy batch -> numpy callable as a tensor -> tensor one."""
-    return lambda x: torch.from_numpy(np.ascontiguousarray(run(x.float().contiguous().numpy())))
 
 
 def _measure(forward, size: int, calls: int) -> dict:

@@ -72,8 +72,7 @@ class GraphForward:
             self._open()
         if self.fallback is not None:
             return self.fallback(x)
-        out = self.run(x.float().contiguous().cpu().numpy())
-        return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32))
+        return tensor_call(self.run, x)
 
     def _open(self) -> None:
         try:
@@ -125,6 +124,11 @@ def open_graph(path: Path, runtime: str, precision: str = "fp32", spin: bool = T
     session = ort.InferenceSession(Path(path).read_bytes(), options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     return lambda x: session.run(None, {name: x})[0]
+
+
+def tensor_call(run, x: torch.Tensor) -> torch.Tensor:
+    """``run`` (an ``open_graph`` callable, numpy in and out) on a tensor batch: float32 tensor out, on the CPU."""
+    return torch.from_numpy(np.ascontiguousarray(run(x.float().contiguous().cpu().numpy()), dtype=np.float32))
 
 
 def write_onnx(module: nn.Module, example: torch.Tensor, path: str | Path, input_name: str, output_name: str) -> None:
