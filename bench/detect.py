@@ -154,9 +154,8 @@ def budget_comparison(args, data: Path, work: Path) -> dict:
     """Issue 16's --budget mode: each recipe trains and validates for ``args.budget`` minutes (--time-budget; the
     tutorial's schedule may run as many epochs as fit), per seed; per-epoch and final AP, and the mean over seeds."""
     out = {"benchmark": "detect_budget", "budget_minutes": args.budget, "seeds": args.seeds, "copy_paste": args.copy_paste}
-    out.update(
-        val_every=args.val_every, max_epochs=args.max_epochs, min_size=args.min_size, max_size=args.max_size, ema=args.ema, recipes={}
-    )
+    out.update(val_every=args.val_every, max_epochs=args.max_epochs, min_size=args.min_size, max_size=args.max_size, ema=args.ema)
+    out.update(backbone=args.backbone or "efficientnet_lite0", recipes={})
     for recipe in args.recipes.split(","):
         runs = []
         for seed in args.seeds:
@@ -171,6 +170,7 @@ def budget_comparison(args, data: Path, work: Path) -> dict:
                 val_every=args.val_every,
                 copy_paste=args.copy_paste,
                 ema=args.ema,
+                backbone=args.backbone,
                 min_size=args.min_size,
                 max_size=args.max_size,
                 seed=seed,
@@ -226,6 +226,7 @@ def main() -> None:
     ap.add_argument("--scale-jitter", type=float, help="visiontune's multi-scale training (default: the recipe's)")
     ap.add_argument("--copy-paste", type=float, help="visiontune's copy-paste probability (default: the recipe's)")
     ap.add_argument("--ema", type=float, help="visiontune's weight average, decay per step (default: the recipe's)")
+    ap.add_argument("--backbone", help="--budget: the detector's registry backbone (default: efficientnet_lite0)")
     ap.add_argument("--val-every", type=int, default=1, help="--budget: validate every N epochs (and the first and last)")
     ap.add_argument("--max-epochs", type=int, help="--budget: the most epochs each run trains (default: the recipe's)")
     ap.add_argument("--precision", default=DetectConfig.precision, help="visiontune's training precision (the tutorial loop: fp32)")

@@ -16,6 +16,8 @@ Then, each in its own process, one at a time:
 - ``linear_disk``: ``linear`` with ``--cache-images disk``, run twice in one process: the first run decodes into the
   image cache, the second (its features removed, so they are extracted again) reads the stored pixels; each run's
   image loading and feature extraction seconds;
+- ``compute_limit``: bench/classify.py's limit (the full recipe's forward+backward+step on pre-made tensors), so
+  ``full_1epoch`` reports its training images/s as a share of it (``train_vs_compute_limit``);
 - ``peer``: the plain streaming pipeline a user would write: torchvision ImageFolder + DataLoader (2 workers, batch
   64), the embedded EfficientNet-Lite0 frozen under no_grad and bf16 autocast (where the CPU has bf16), one center
   crop, then scikit-learn's LogisticRegression.
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import random
 import subprocess
@@ -39,7 +42,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "datasets"
-CONTENDERS = ("linear", "linear_1view", "full_1epoch", "peer", "linear_disk")
+CONTENDERS = ("linear", "linear_1view", "full_1epoch", "compute_limit", "peer", "linear_disk")
 
 
 # --------------------------------------------------------------------------------------------- the data
@@ -54,37 +57,43 @@ def source_photos() -> dict[str, dict[str, list[Path]]]:
 
 
 def build_set(root: Path, n_train: int, seed: int = 0) -> Path:
-    """N training JPEGs (and N/10, at least 300, validation ones) under root/train and root/val; kept between runs."""
-    from PIL import Image, ImageEnhance
-
+    """N training JPEGs (and N/10, at least 300, validation ones) under root/train and root/val; kept between runs.
+    Each image has its own random generator (seed, split, index), so two processes build halves of the same set."""
     done = root / ".complete"
     if done.is_file():
         return root
-    rng = random.Random(seed)
-    photos = source_photos()
-    for split, count in (("train", n_train), ("val", max(300, n_train // 10))):
-        opened = {c: [Image.open(p).convert("RGB") for p in ps] for c, ps in photos[split].items()}
-        classes = sorted(opened)
-        for i in range(count):
-            c = classes[i % len(classes)]
-            im = rng.choice(opened[c])
-            w, h = im.size
-            f = rng.uniform(0.6, 1.0)  # a random crop of 60-100% of each side
-            cw, ch = int(w * f), int(h * f)
-            x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
-            out = im.crop((x, y, x + cw, y + ch))
-            if rng.random() < 0.5:
-                out = out.transpose(Image.FLIP_LEFT_RIGHT)
-            for enhance in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
-                out = enhance(out).enhance(rng.uniform(0.7, 1.3))
-            long_side = rng.randint(500, 800)
-            s = long_side / max(out.size)
-            out = out.resize((max(1, round(out.size[0] * s)), max(1, round(out.size[1] * s))), Image.BICUBIC)
-            path = root / split / c / f"{i:07d}.jpg"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            out.save(path, quality=90)
+    jobs = [(root, split, count, seed, part) for split, count in (("train", n_train), ("val", max(300, n_train // 10))) for part in (0, 1)]
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        pool.starmap(build_part, jobs)
     done.write_text("ok\n")
     return root
+
+
+def build_part(root: Path, split: str, count: int, seed: int, part: int) -> None:
+    """Every other image (from index ``part``) of one split."""
+    from PIL import Image, ImageEnhance
+
+    opened = {c: [Image.open(p).convert("RGB") for p in ps] for c, ps in source_photos()[split].items()}
+    classes = sorted(opened)
+    for i in range(part, count, 2):
+        rng = random.Random(f"{seed}-{split}-{i}")
+        c = classes[i % len(classes)]
+        im = rng.choice(opened[c])
+        w, h = im.size
+        f = rng.uniform(0.6, 1.0)  # a random crop of 60-100% of each side
+        cw, ch = int(w * f), int(h * f)
+        x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
+        out = im.crop((x, y, x + cw, y + ch))
+        if rng.random() < 0.5:
+            out = out.transpose(Image.FLIP_LEFT_RIGHT)
+        for enhance in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
+            out = enhance(out).enhance(rng.uniform(0.7, 1.3))
+        long_side = rng.randint(500, 800)
+        s = long_side / max(out.size)
+        out = out.resize((max(1, round(out.size[0] * s)), max(1, round(out.size[1] * s))), Image.BICUBIC)
+        path = root / split / c / f"{i:07d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        out.save(path, quality=90)
 
 
 # --------------------------------------------------------------------------------------------- measuring
@@ -224,6 +233,11 @@ def child(args) -> None:
         result = run_peer(args.data)
     elif args.child == "linear_disk":
         result = run_twice_from_the_image_cache(args.data, args.work)
+    elif args.child == "compute_limit":
+        sys.path.insert(0, str(Path(__file__).parent))
+        from classify import compute_limit  # bench/classify.py's definition: the full recipe's step on pre-made tensors
+
+        result = compute_limit(steps=20)
     else:
         result = run_visiontune(args.data, args.work, extra[args.child])
     print(json.dumps(result))
@@ -275,6 +289,10 @@ def main() -> None:
     for r in rows:
         if r["n"] in peer and "error" not in r:
             r["wall_vs_peer"] = round(r["wall_seconds"] / peer[r["n"]], 3)
+    limit = {r["n"]: r["images_per_second"] for r in rows if r["contender"] == "compute_limit" and "error" not in r}
+    for r in rows:
+        if r["contender"] == "full_1epoch" and r["n"] in limit and r.get("train_images_per_second"):
+            r["train_vs_compute_limit"] = round(r["train_images_per_second"] / limit[r["n"]], 3)
     print(json.dumps({"cpu_count": os.cpu_count(), "load_average_at_end": os.getloadavg(), "rows": rows, "slopes": summary}, indent=1))
 
 

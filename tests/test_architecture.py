@@ -12,7 +12,7 @@ LAYERS = [
     {"errors", "faults"},
     {"strategies", "meta"},
     {"config", "checkpoint"},
-    {"runs"},
+    {"runs", "caches"},
     {"data", "models"},
     {"metrics"},
     {"engine"},  # the loop: it never imports the pictures, the report, the tasks, inference, export or the CLI

@@ -15,8 +15,8 @@ from conftest import make_class_folders, stable_seed, write_pretrained_weights
 from PIL import Image, ImageDraw
 
 from visiontune import audit as A
+from visiontune.caches import default_cache_dir
 from visiontune.cli import build_parser, main
-from visiontune.engine.features import default_cache_dir
 
 FAST = ["--engine", "torch"]  # no engine probe or ONNX export: the features are the same function
 # Drawn shapes sit closer together in an ImageNet network's features than photos do (nearest distinct neighbour up

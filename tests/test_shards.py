@@ -16,8 +16,10 @@ from conftest import make_class_folders
 
 from visiontune import checkpoint as ckpt
 from visiontune.cli import main
+from visiontune.data import tar_members
 from visiontune.data.classification import find_splits
 from visiontune.data.images import load_rgb
+from visiontune.data.shards import read_shards
 from visiontune.errors import UserError
 from visiontune.inference.classify import predict
 
@@ -72,6 +74,34 @@ def test_shards_list_the_samples_of_their_folders(tmp_path):
     member = train.items[0][0]
     file = next(p for p, _ in folders.items if p.name == member.name)
     assert "train-000.tar/" in str(member) and np.array_equal(np.asarray(load_rgb(member)), np.asarray(load_rgb(file)))
+
+
+def test_a_shard_is_listed_once_and_again_when_it_changes(tmp_path, monkeypatch):
+    """A later run reads a shard's saved listing (its headers are not read again); a rewritten shard or a damaged
+    listing is listed again."""
+    monkeypatch.setenv("VISIONTUNE_CACHE", str(tmp_path / "cache"))
+    data = make_class_folders(tmp_path / "data", classes=("red", "blue", "green"), per_class=4)
+    pattern = webdataset_shards(data / "train", tmp_path / "shards", 2)
+    first = read_shards(pattern)
+    assert len(list((tmp_path / "cache" / "shards").glob("*.npz"))) == 2
+    tar_members._TABLES.clear()  # as in a new process
+    with monkeypatch.context() as m:
+        m.setattr(tarfile, "open", lambda *a, **k: pytest.fail("a shard was listed again"))
+        again = read_shards(pattern)
+        image = np.asarray(load_rgb(again.train[0][0]))  # members are found through the saved table
+    assert again.train == first.train and again.classes == first.classes
+    assert np.array_equal(image, np.asarray(load_rgb(data / "train" / again.classes[again.train[0][1]] / again.train[0][0].name)))
+
+    shard = tmp_path / "shards" / "train-000.tar"
+    with tarfile.open(shard, "a") as tar:  # one more sample: the shard's size and time change
+        add(tar, "red/extra.png", (data / "train" / "red" / "red_0.png").read_bytes())
+        add(tar, "red/extra.cls", b"red")
+    grown = read_shards(pattern)
+    assert len(grown.train) == len(first.train) + 1 and any(p.name == "extra.png" for p, _ in grown.train)
+    for f in (tmp_path / "cache" / "shards").glob("*.npz"):
+        f.write_bytes(b"not a listing")
+    tar_members._TABLES.clear()
+    assert read_shards(pattern).train == grown.train
 
 
 def test_a_linear_run_on_shards_is_the_run_on_their_folders(tmp_path, capsys):

@@ -28,13 +28,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .caches import cache_folder
 from .checkpoint import atomic_write_text
 from .config import ClassifyConfig
 from .data.classification import Samples, find_splits, open_images, scan_folder
 from .data.images import load_rgb
 from .data.shards import is_listing, read_listing
 from .data.transforms import classification_eval
-from .engine.features import cache_folder, cached_extract
+from .engine.features import cached_extract
 from .engine.frozen import frozen_forward
 from .engine.runtime import use_bf16
 from .errors import UserError

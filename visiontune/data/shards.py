@@ -23,7 +23,7 @@ from braceexpand import braceexpand
 from ..errors import UserError
 from .images import IMAGE_EXTENSIONS
 from .index import IndexRows, is_index, read_index, to_class_indices
-from .tar_members import SHARD_SUFFIX, remember
+from .tar_members import SHARD_SUFFIX, MemberTable, remember, save_listing, saved_listing
 
 
 def is_shards(data: str | Path | None) -> bool:
@@ -81,7 +81,29 @@ def read_val_shards(spec: str | Path, classes: list[str], what: str = "--val-dat
 
 def shard_samples(shard: Path, what: str) -> list[tuple[Path, str]]:
     """(virtual image path, label) for each sample of one shard: WebDataset samples when it has ``.cls`` members,
-    else every image file, labelled by its first folder (a class-folder tree, as ``scan_folder`` reads one)."""
+    else every image file, labelled by its first folder (a class-folder tree, as ``scan_folder`` reads one).
+    The listing is saved (``tar_members.save_listing``), so a later run over the same shard does not read it again."""
+    saved = saved_listing(shard)
+    if saved is None:
+        files, labels = _list_members(shard, what)
+        table = MemberTable.of(files)
+        if labels:  # WebDataset: KEY.jpg (the image) beside KEY.cls; KEY.seg.png and the like are other fields
+            images = {_key(name): name for name, _, _ in files if name.rpartition("/")[2].count(".") == 1}
+            rows = [(name, labels.get(key, "")) for key, name in images.items()]
+        else:
+            rows = [(name, name.split("/")[0] if "/" in name else "") for name, _, _ in files]
+        for name, label in rows:
+            if not label:
+                raise UserError(f"{what}: {shard}: {name} has no label (a {_key(name)}.cls member, or a class folder in its name)")
+        save_listing(shard, table, rows)
+    else:
+        table, rows = saved
+    remember(shard, table)
+    return [(Path(f"{shard}/{name}"), label) for name, label in rows]
+
+
+def _list_members(shard: Path, what: str) -> tuple[list[tuple[str, int, int]], dict[str, str]]:
+    """One pass over a shard's headers: its image members (name, offset, size) and its ``.cls`` labels by key."""
     files, labels = [], {}
     try:
         with tarfile.open(shard, "r:") as tar:
@@ -97,16 +119,7 @@ def shard_samples(shard: Path, what: str) -> list[tuple[Path, str]]:
         raise UserError(f"{what}: {shard}: not a plain tar file ({e}); shards are read at offsets, so not compressed") from None
     except (OSError, EOFError) as e:
         raise UserError(f"{what}: {shard}: cannot read ({getattr(e, 'strerror', None) or e})") from None
-    remember(shard, files)
-    if labels:  # WebDataset: KEY.jpg (the image) beside KEY.cls; KEY.seg.png and the like are other fields
-        images = {_key(name): name for name, _, _ in files if name.rpartition("/")[2].count(".") == 1}
-        rows = [(name, labels.get(key, "")) for key, name in images.items()]
-    else:
-        rows = [(name, name.split("/")[0] if "/" in name else "") for name, _, _ in files]
-    for name, label in rows:
-        if not label:
-            raise UserError(f"{what}: {shard}: {name} has no label (a {_key(name)}.cls member, or a class folder in its name)")
-    return [(Path(f"{shard}/{name}"), label) for name, label in rows]
+    return files, labels
 
 
 def _key(name: str) -> str:

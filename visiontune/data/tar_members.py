@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import os
 import tarfile
+import zipfile
 from pathlib import Path, PurePosixPath
 
 import numpy as np
+
+from ..caches import default_cache_dir
 
 SHARD_SUFFIX = ".tar"
 
@@ -49,26 +54,31 @@ class MemberTable:
     """One shard's members as sorted fixed-width names and their (offset, size): numpy arrays, so a million members
     cost tens of MB and DataLoader workers share the parent's pages (no reference counts to copy them)."""
 
-    def __init__(self, members: list[tuple[str, int, int]]):
+    def __init__(self, names: np.ndarray, places: np.ndarray):
+        self.names, self.places = names, places
+
+    @classmethod
+    def of(cls, members: list[tuple[str, int, int]]) -> MemberTable:
         members = sorted({name: (name, offset, size) for name, offset, size in members}.values())  # a name twice: the last
-        self.names = np.array([name.encode() for name, _, _ in members], dtype=bytes)
-        self.places = np.array([(offset, size) for _, offset, size in members], dtype=np.int64).reshape(-1, 2)
+        names = np.array([name.encode() for name, _, _ in members], dtype=bytes)
+        return cls(names, np.array([(offset, size) for _, offset, size in members], dtype=np.int64).reshape(-1, 2))
 
     def place(self, name: str) -> tuple[int, int] | None:
+        i = self.index(name)
+        return None if i is None else (int(self.places[i, 0]), int(self.places[i, 1]))
+
+    def index(self, name: str) -> int | None:
         key = name.encode()
         i = int(np.searchsorted(self.names, key))
-        if i < len(self.names) and self.names[i] == key:
-            return int(self.places[i, 0]), int(self.places[i, 1])
-        return None
+        return i if i < len(self.names) and self.names[i] == key else None
 
 
 _TABLES: dict[tuple[str, int, int], MemberTable] = {}  # (shard, size, mtime in ns): a changed shard is read again
 
 
-def remember(shard: str | Path, members: list[tuple[str, int, int]]) -> None:
-    """Keep the (name, offset, size) of a shard's members that were just listed, so no process lists them again."""
-    st = os.stat(shard)
-    _TABLES[(str(shard), st.st_size, st.st_mtime_ns)] = MemberTable(members)
+def remember(shard: str | Path, table: MemberTable) -> None:
+    """Keep a shard's member table, so no process lists it again."""
+    _TABLES[_identity(shard)] = table
 
 
 def member_place(shard: str, name: str) -> tuple[int, int]:
@@ -84,10 +94,68 @@ def member_paths(shard: str | Path) -> list[Path]:
     return [Path(f"{shard}/{name.decode()}") for name in _table(str(shard)).names]
 
 
-def _table(shard: str) -> MemberTable:
+def _identity(shard: str | Path) -> tuple[str, int, int]:
     st = os.stat(shard)
-    key = (shard, st.st_size, st.st_mtime_ns)
+    return str(shard), st.st_size, st.st_mtime_ns
+
+
+def _table(shard: str) -> MemberTable:
+    key = _identity(shard)
     if key not in _TABLES:
-        with tarfile.open(shard, "r:") as tar:
-            remember(shard, [(str(PurePosixPath(m.name)), m.offset_data, m.size) for m in tar if m.isfile()])
+        saved = saved_listing(shard)
+        if saved is None:
+            with tarfile.open(shard, "r:") as tar:
+                remember(shard, MemberTable.of([(str(PurePosixPath(m.name)), m.offset_data, m.size) for m in tar if m.isfile()]))
+        else:
+            remember(shard, saved[0])
     return _TABLES[key]
+
+
+# --------------------------------------------------------------------------------------------- saved listings
+
+LISTING_FORMAT = 1
+
+
+def listing_file(shard: str | Path) -> Path:
+    """Where a shard's listing is saved: the feature cache folder's ``shards/``, named by the shard's absolute path."""
+    digest = hashlib.sha256(str(Path(shard).resolve()).encode()).hexdigest()[:24]
+    return default_cache_dir() / "shards" / f"{digest}.npz"
+
+
+def _listing_key(shard: str | Path) -> str:
+    _, size, mtime_ns = _identity(shard)
+    return json.dumps({"format": LISTING_FORMAT, "shard": str(Path(shard).resolve()), "size": size, "mtime_ns": mtime_ns})
+
+
+def saved_listing(shard: str | Path) -> tuple[MemberTable, list[tuple[str, str]]] | None:
+    """(member table, samples as (image member, label)) saved by an earlier listing of this very shard (same path,
+    size and modification time), else None: a missing, stale or unreadable file is listed again."""
+    try:
+        with np.load(listing_file(shard), allow_pickle=False) as f:
+            if str(f["key"]) != _listing_key(shard):
+                return None
+            table = MemberTable(f["names"], f["places"])
+            rows = [(table.names[i].decode(), label.decode()) for i, label in zip(f["row_members"].tolist(), f["row_labels"])]
+    except (OSError, ValueError, KeyError, UnicodeDecodeError, zipfile.BadZipFile):
+        return None
+    return table, rows
+
+
+def save_listing(shard: str | Path, table: MemberTable, rows: list[tuple[str, str]]) -> None:
+    """Save a shard's listing for later runs (atomically; a cache folder that cannot be written is skipped)."""
+    path = listing_file(shard)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+        with open(tmp, "wb") as f:
+            np.savez(
+                f,
+                key=np.array(_listing_key(shard)),
+                names=table.names,
+                places=table.places,
+                row_members=np.array([table.index(name) for name, _ in rows], dtype=np.int64),
+                row_labels=np.array([label.encode() for _, label in rows], dtype=bytes),
+            )
+        os.replace(tmp, path)
+    except OSError:
+        return

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from ..caches import cache_folder
 from ..checkpoint import weights_digest
 from ..data.classification import ClassImages
 from ..data.image_store import remove_abandoned
@@ -84,20 +84,6 @@ def in_ram(rows: int, dim: int, label_shape: tuple, label_dtype: torch.dtype) ->
 
 
 # --------------------------------------------------------------------------------------------- on-disk cache
-
-
-def default_cache_dir() -> Path:
-    """``$VISIONTUNE_CACHE``, else ``$XDG_CACHE_HOME/visiontune/features`` (``~/.cache/visiontune/features``)."""
-    if os.environ.get("VISIONTUNE_CACHE"):
-        return Path(os.environ["VISIONTUNE_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "visiontune" / "features"
-
-
-def cache_folder(setting: str | Path | None) -> Path | None:
-    """The folder a ``--cache-dir`` setting names: unset (None) the default, "none" no cache at all."""
-    if setting is None or str(setting) == "":
-        return default_cache_dir()
-    return None if str(setting).lower() == "none" else Path(setting)
 
 
 def cache_key(

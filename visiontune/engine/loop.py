@@ -28,7 +28,7 @@ from ..runs import append_jsonl, check_out_dir, open_run_dir, resume_config, wri
 from . import distributed
 from .ema import WeightAverage
 from .resume import RunState, StepCheckpoints, restore, save_last, stop_on_interrupt
-from .runtime import Diverged, seed_everything, select_device, tensorboard_writer, use_bf16
+from .runtime import Diverged, release_free_memory, seed_everything, select_device, tensorboard_writer, use_bf16
 
 # record(epoch, fields, score, model_metrics, line): log one epoch; keep the model when ``score`` is the best so far
 Record = Callable[[int, dict, float, dict, str], None]
@@ -119,6 +119,7 @@ def fit(task: Task, resume: bool = False, given: dict | None = None) -> dict:
                 after_step=partial(after_step, duties, average, task.model, epoch),
             )
             first_step, totals = 0, None
+            release_free_memory()  # the epoch's freed activations, before validation allocates its own
             stats = {
                 **distributed.reduce_stats(stats),
                 "lr": optimizer.param_groups[-1]["lr"],
@@ -132,6 +133,7 @@ def fit(task: Task, resume: bool = False, given: dict | None = None) -> dict:
             duties.after_epoch(epoch + 1)
 
     fault_point("finish")
+    release_free_memory()
     metrics = task.finish(out, state) if distributed.is_main() else None
     return distributed.broadcast_object(metrics)
 

@@ -8,13 +8,13 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..caches import default_cache_dir
 from ..config import TTA
 from ..data.classification import Samples, load_downsized, open_images, scan_folder
 from ..data.images import expand_inputs
 from ..data.multilabel import read_label_file
 from ..data.shards import is_listing, read_listing
 from ..data.transforms import classification_eval
-from ..engine.features import default_cache_dir
 from ..engine.frozen import TorchForward, frozen_forward
 from ..errors import UserError
 from ..meta import ClassifierMeta

@@ -19,11 +19,12 @@ from torch.utils.data import DataLoader
 
 from .. import checkpoint as ckpt
 from .. import strategies
+from ..caches import cache_folder, default_cache_dir
 from ..config import ClassifyConfig
 from ..data.classification import find_splits, open_images
 from ..data.transforms import classification_eval, classification_train
 from ..engine import distributed, loop, wise
-from ..engine.features import cache_folder, cached_extract, default_cache_dir
+from ..engine.features import cached_extract
 from ..engine.frozen import engine_setting, frozen_forward
 from ..engine.runtime import faster_in_bf16
 from ..errors import UserError
