@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -136,7 +137,7 @@ def saved_listing(shard: str | Path) -> tuple[MemberTable, list[tuple[str, str]]
                 return None
             table = MemberTable(f["names"], f["places"])
             rows = [(table.names[i].decode(), label.decode()) for i, label in zip(f["row_members"].tolist(), f["row_labels"])]
-    except (OSError, ValueError, KeyError, UnicodeDecodeError, zipfile.BadZipFile):
+    except (OSError, EOFError, ValueError, KeyError, UnicodeDecodeError, zipfile.BadZipFile):
         return None
     return table, rows
 
@@ -144,9 +145,9 @@ def saved_listing(shard: str | Path) -> tuple[MemberTable, list[tuple[str, str]]
 def save_listing(shard: str | Path, table: MemberTable, rows: list[tuple[str, str]]) -> None:
     """Save a shard's listing for later runs (atomically; a cache folder that cannot be written is skipped)."""
     path = listing_file(shard)
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
         with open(tmp, "wb") as f:
             np.savez(
                 f,
@@ -158,4 +159,5 @@ def save_listing(shard: str | Path, table: MemberTable, rows: list[tuple[str, st
             )
         os.replace(tmp, path)
     except OSError:
-        return
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
