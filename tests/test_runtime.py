@@ -100,6 +100,8 @@ def test_freed_heap_memory_goes_back_to_the_system():
     before = rss_mb()
     del blocks
     after_free = rss_mb()
+    if before - after_free > 100:
+        pytest.skip("this malloc gave the pages back on free")
     release_free_memory()
-    assert before - after_free < 100 and after_free - rss_mb() > 200, (before, after_free, rss_mb())
+    assert after_free - rss_mb() > 200, (before, after_free, rss_mb())
     del keep
