@@ -183,7 +183,9 @@ def frozen_forward(
             )
         return GraphForward(name, module, size, cache_dir, engine, spin)
     candidates = [TorchForward(module, bf16)] + [
-        GraphForward(name, module, size, cache_dir, e, spin) for e in ("onnxruntime", "openvino") if importlib.util.find_spec(e)
+        GraphForward(name, module, size, cache_dir, e, spin)
+        for e in ("onnxruntime", "openvino")
+        if importlib.util.find_spec(GRAPH_ENGINES[e][0])
     ]
     engines = " vs ".join(c.name for c in candidates)
     key = f"{machine_name(torch.device('cpu'))} | {name} | {size}px batch {batch_size} | {engines} | {GRAPH_FORMAT}"
