@@ -34,29 +34,42 @@ def prediction_grid_png(
     max_images: int = 16,
     thresholds: list[float] | None = None,
 ) -> None:
-    """Validation images with predicted and true labels; mistakes first, in red (the tutorial's visualize_model).
-    ``thresholds``: multi-label (the labels at or above them)."""
+    """Validation images with predicted and true labels; mistakes first, framed and captioned in red (the tutorial's
+    visualize_model). ``thresholds``: multi-label (the labels at or above them). Drawn with PIL: matplotlib's 16 axes
+    cost ~1.5 s of every run."""
+    from PIL import Image, ImageDraw, ImageFont
+
     answers = decisions(logits, labels, classes, thresholds)
     wrong = [i for i, a in enumerate(answers) if not a["correct"]]
     order = (wrong + [i for i, a in enumerate(answers) if a["correct"]])[:max_images]
-    cols = 4
-    rows = max(1, (len(order) + cols - 1) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 3, rows * 3.2), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, i in zip(axes.flat, order):
-        x, _ = dataset[i]
-        ax.imshow(denormalize(x, preprocessing["mean"], preprocessing["std"]).numpy())
+    font, title_font = ImageFont.load_default(13), ImageFont.load_default(15)
+    tile, caption, pad, cols = 224, 38, 8, 4
+    rows = max(1, -(-len(order) // cols))
+    sheet = Image.new("RGB", (cols * (tile + pad) + pad, 30 + rows * (tile + caption + pad)), "white")
+    pen = ImageDraw.Draw(sheet)
+    pen.text((pad, 7), f"validation predictions: {len(wrong)} mistake(s) of {len(answers)}", fill="black", font=title_font)
+    for k, i in enumerate(order):
+        x0, y0 = pad + (k % cols) * (tile + pad), 30 + (k // cols) * (tile + caption + pad)
+        image, _ = dataset[i]
+        rgb = (denormalize(image, preprocessing["mean"], preprocessing["std"]) * 255).round().byte().numpy()
+        sheet.paste(Image.fromarray(rgb).resize((tile, tile)), (x0, y0 + caption))
         a = answers[i]
-        ax.set_title(
-            f"pred: {a['predicted']} ({a['confidence']:.2f})\ntrue: {a['true']}" + ("" if a["correct"] else "  ✗"),
-            color="green" if a["correct"] else "red",
-            fontsize=9,
-        )
-    fig.suptitle(f"validation predictions: {len(wrong)} mistake(s) of {len(answers)}", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+        color = (0, 128, 0) if a["correct"] else (210, 0, 0)
+        text = f"pred: {a['predicted']} ({a['confidence']:.2f})\ntrue: {a['true']}"
+        pen.multiline_text((x0, y0 + 2), _fit(pen, text, font, tile), fill=color, font=font, spacing=3)
+        if not a["correct"]:
+            pen.rectangle((x0 - 3, y0 + caption - 3, x0 + tile + 2, y0 + caption + tile + 2), outline=color, width=3)
+    sheet.save(path, format="PNG")
+
+
+def _fit(pen, text: str, font, width: int) -> str:
+    """Each line of ``text`` cut (with an ellipsis) to ``width`` pixels."""
+    lines = []
+    for line in text.splitlines():
+        while len(line) > 4 and pen.textlength(line, font=font) > width:
+            line = line[:-2] + "…"
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def confusion_matrix_png(path: Path, confusion: list[list[int]], classes: list[str]) -> None:
