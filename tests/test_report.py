@@ -124,6 +124,19 @@ def test_the_browser_check_catches_a_broken_image(run_dir, tmp_path):
     assert probe["decoded"] == probe["images"] - 1
 
 
+def test_report_embeds_the_runs_confusion_matrix_unless_metrics_are_newer(run_dir, tmp_path):
+    import base64
+    import shutil
+
+    run = Path(shutil.copytree(run_dir, tmp_path / "run"))
+    drawn = base64.b64encode((run / "confusion_matrix.png").read_bytes()).decode("ascii")
+    assert drawn in write_report(run).read_text()  # the picture training drew, not a second drawing
+    (run / "confusion_matrix.png").write_bytes(b"stale")
+    os.utime(run / "confusion_matrix.png", ns=(1, 1))  # older than metrics.json: drawn again from its numbers
+    page = write_report(run).read_text()
+    assert base64.b64encode(b"stale").decode() not in page and 'class="confusion"' in page
+
+
 def test_gallery_shows_mistakes_first(tmp_path):
     classes = ["a", "b"]
     labels = torch.tensor([0, 0, 1, 1, 0])

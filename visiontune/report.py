@@ -99,14 +99,16 @@ def _curves(history: list[dict]) -> str:
     return _img(b64, "training curves", cls="curves")
 
 
-def _confusion(metrics: dict) -> str:
+def _confusion(run: Path, metrics: dict) -> str:
+    """The run's confusion_matrix.png when it was drawn with (or after) metrics.json, else drawn again from it."""
     from .visualize import confusion_matrix_png
 
-    return _img(
-        _png_base64(lambda buf: confusion_matrix_png(buf, metrics["confusion_matrix"], metrics["classes"])),
-        "confusion matrix",
-        cls="confusion",
-    )
+    png, numbers = run / "confusion_matrix.png", run / "metrics.json"
+    if png.is_file() and png.stat().st_mtime_ns >= numbers.stat().st_mtime_ns:
+        b64 = base64.b64encode(png.read_bytes()).decode("ascii")
+    else:
+        b64 = _png_base64(lambda buf: confusion_matrix_png(buf, metrics["confusion_matrix"], metrics["classes"]))
+    return _img(b64, "confusion matrix", cls="confusion")
 
 
 # ------------------------------------------------------------------------------ sections
@@ -281,7 +283,7 @@ def write_report(run_dir: str | Path) -> Path:
     if task == "classification":
         if "confusion_matrix" in metrics:
             parts.append(
-                f'<section><h2>Confusion matrix and per-class metrics</h2><div class="row">{_confusion(metrics)}'
+                f'<section><h2>Confusion matrix and per-class metrics</h2><div class="row">{_confusion(run, metrics)}'
                 f"{_per_class(metrics)}</div></section>"
             )
         elif metrics.get("per_class"):  # multi-label: no confusion matrix
