@@ -13,6 +13,7 @@
     python bench/detect.py --epochs 3 --lr-step 2 --seed 1                   # both loops: LR / 10 after epoch 2
     python bench/detect.py --epochs 5 --lr-step 4 --skip-baseline --tta      # + the run's val AP with --tta flip
     python bench/detect.py --budget 10 --seeds 0,1,2                         # recipes at a time budget: ~1 hour
+    python bench/detect.py --budget 30 --recipes default --seeds 1,2 --val-every 4 --max-epochs 30 --tta  # + flip TTA of each kept model
 
 --budget MINUTES (issue 16) trains each recipe of --recipes per seed for that long (train + validation of every
 epoch, as --time-budget counts it) and prints per-epoch and final AP, and their means over the seeds; per-run
@@ -128,7 +129,7 @@ def tutorial_baseline(root: Path, names: list[str], cfg: DetectConfig) -> dict:
     return {"epoch_seconds": [round(x, 1) for x in seconds], "epoch_losses": losses, "final": {k: round(metrics[k], 4) for k in AP_KEYS}}
 
 
-def tta_comparison(run: Path, cfg: DetectConfig) -> dict:
+def tta_comparison(run: Path, cfg: DetectConfig, modes=("none", "flip")) -> dict:
     """The run's kept model on its validation images, plain and with flip TTA: AP and seconds of each."""
     from visiontune.inference.detect import with_detect_tta
     from visiontune.inference.load import load_detector
@@ -136,7 +137,7 @@ def tta_comparison(run: Path, cfg: DetectConfig) -> dict:
     model, _ = load_detector(run, "cpu")
     _, val_records, data = load_splits(cfg)
     out = {}
-    for tta in ("none", "flip"):
+    for tta in modes:
         start = time.perf_counter()
         metrics, _ = evaluate_model(with_detect_tta(model, tta), val_records, data.classes, data.has_masks, torch.device("cpu"))
         out[tta] = {**{k: round(metrics[k], 4) for k in AP_KEYS}, "seconds": round(time.perf_counter() - start, 1)}
@@ -192,9 +193,12 @@ def budget_comparison(args, data: Path, work: Path) -> dict:
                     "per_epoch": epoch_rows(log),
                 }
             )
+            if args.tta:  # the kept model again, with flip TTA (its plain AP is "final")
+                runs[-1]["final_tta_flip"] = tta_comparison(run, cfg, modes=("flip",))["flip"]
             print(json.dumps({"recipe": recipe, "seed": seed, "epochs": metrics["epochs"], **final}), file=sys.stderr, flush=True)
             shutil.rmtree(run, ignore_errors=True)
-        means = {which: {k: round(sum(r[which][k] for r in runs) / len(runs), 4) for k in AP_KEYS} for which in ("final", "last")}
+        kinds = ("final", "last", "final_tta_flip") if args.tta else ("final", "last")
+        means = {which: {k: round(sum(r[which][k] for r in runs) / len(runs), 4) for k in AP_KEYS} for which in kinds}
         out["recipes"][recipe] = {"mean": means, "runs": runs}
     return out
 
@@ -233,7 +237,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="16 images, 1 epoch, 160-224 px: a few minutes")
     ap.add_argument("--skip-baseline", action="store_true")
-    ap.add_argument("--tta", action="store_true", help="also evaluate the run with flip TTA (AP and seconds beside plain)")
+    ap.add_argument(
+        "--tta", action="store_true", help="also evaluate the run (--budget: each kept model) with flip TTA (AP and seconds beside plain)"
+    )
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="vt-bench-detect-"))
     data = Path(args.data)
