@@ -36,7 +36,7 @@ def prediction_grid_png(
 ) -> None:
     """Validation images with predicted and true labels; mistakes first, framed and captioned in red (the tutorial's
     visualize_model). ``thresholds``: multi-label (the labels at or above them). Drawn with PIL: matplotlib's 16 axes
-    cost ~1.5 s of every run."""
+    cost ~1.2 s of every run."""
     from PIL import Image, ImageDraw, ImageFont
 
     answers = decisions(logits, labels, classes, thresholds)
