@@ -19,6 +19,7 @@ def test_int8_export_agrees_with_fp32_and_predicts_like_an_fp32_file(tmp_path, c
     assert main(["export", str(run), "--output", str(out), "--int8", "--calibration-images", "16", "--force"]) == 0
     report = json.loads((tmp_path / "model.int8.onnx.json").read_text())
     assert report["top1_agreement"] >= 0.9 and report["int8_bytes"] < report["fp32_bytes"] and report["calibration_images"] == 16
+    assert _conv_weights_in_fp32(out) == ["stem"]
     top1 = {}
     for model in (run, out):  # the run's fp32 model, then the INT8 file, on the training images
         capsys.readouterr()
@@ -44,3 +45,13 @@ def test_int8_past_its_max_drop_writes_nothing(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("visiontune: error: INT8 loses") and "nothing written" in err[-1], err
     assert not out.exists() and not (tmp_path / "model.int8.onnx.json").exists()
+
+
+def _conv_weights_in_fp32(path) -> list[str]:
+    """Which convolutions of an ONNX file read float weights directly ('stem' for the first, else its index)."""
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    produced_by_dequantize = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    return ["stem" if i == 0 else str(i) for i, n in enumerate(convs) if n.input[1] not in produced_by_dequantize]
