@@ -1,11 +1,12 @@
-"""visiontune export --int8: a calibrated INT8 ONNX file that predicts as the fp32 model does, measured before it is kept;
-visiontune benchmark times it and the run's engines."""
+"""visiontune export --int8: a calibrated INT8 ONNX file that predicts as the fp32 model does, measured before it is kept
+(classifiers and detectors); visiontune benchmark times it and the run's engines."""
 
 from __future__ import annotations
 
 import json
 
 from conftest import make_class_folders
+from detection_helpers import make_pennfudan
 
 from visiontune.cli import main
 
@@ -45,6 +46,22 @@ def test_int8_past_its_max_drop_writes_nothing(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("visiontune: error: INT8 loses") and "nothing written" in err[-1], err
     assert not out.exists() and not (tmp_path / "model.int8.onnx.json").exists()
+
+
+def test_int8_detector_is_measured_in_ap_and_runs_in_detect_predict(tmp_path, capsys):
+    data = make_pennfudan(tmp_path / "pf", n=8)
+    run = tmp_path / "run"
+    tiny = ["--epochs", "2", "--min-size", "64", "--max-size", "64", "--quiet"]
+    assert main(["detect", "train", "--data", str(data), "--out", str(run), *tiny]) == 0
+    out = tmp_path / "detector.int8.onnx"
+    assert main(["export", str(run), "--output", str(out), "--int8", "--calibration-images", "4", "--force"]) == 0
+    report = json.loads((tmp_path / "detector.int8.onnx.json").read_text())
+    assert report["calibration_images"] == 4 and report["val_images"] == 2
+    assert {"fp32_bbox_AP", "int8_bbox_AP", "fp32_segm_AP", "int8_segm_AP"} <= set(report)
+    assert report["int8_bytes"] < 0.4 * report["fp32_bytes"]
+    assert _conv_weights_in_fp32(out) == ["stem", "1"]  # the backbone's stem and its first depthwise convolution
+    assert main(["detect", "predict", str(out), str(data / "PNGImages"), "--output", str(tmp_path / "predict")]) == 0
+    assert len(list((tmp_path / "predict").glob("*.png"))) == 8 and (tmp_path / "predict" / "predictions.json").is_file()
 
 
 def _conv_weights_in_fp32(path) -> list[str]:

@@ -157,9 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("run")
     ex.add_argument("--format", choices=("onnx", "torchscript"), default="onnx", help="(default: onnx)")
     ex.add_argument("--output", required=True, help="output file")
-    ex.add_argument("--int8", action="store_true", help="classifiers, ONNX: INT8 (static quantization, calibrated on the run's images)")
-    ex.add_argument("--calibration-images", type=int, default=200, help="--int8: training images that calibrate it (default: 200)")
-    ex.add_argument("--max-drop", type=float, default=1.0, help="--int8: accuracy points it may lose on val, else exit 2 (default: 1)")
+    ex.add_argument("--int8", action="store_true", help="ONNX: INT8 (static quantization, calibrated on the run's images)")
+    ex.add_argument("--calibration-images", type=int, default=None, help="--int8: images to calibrate on (default: 200; detectors 50)")
+    ex.add_argument("--max-drop", type=float, default=1.0, help="--int8: val accuracy/AP points it may lose, else exit 2 (default: 1)")
     ex.add_argument("--force", action="store_true", help="--int8: keep the file even past --max-drop")
     ex.set_defaults(func=_export)
 
@@ -279,7 +279,7 @@ def _export(args):
     if args.int8:
         if args.format != "onnx":
             raise UserError("--int8: INT8 exports are ONNX files; use --format onnx")
-        if args.calibration_images < 1:
+        if args.calibration_images is not None and args.calibration_images < 1:
             raise UserError("--calibration-images: must be at least 1")
         from .quantize import export_int8
 

@@ -138,13 +138,19 @@ def _write_torchscript(model: torch.nn.Module, example: torch.Tensor, meta: Clas
 def _export_detector(run: str | Path, fmt: str, out: Path) -> Path:
     if fmt != "onnx":
         raise UserError(f"{run}: detection models export to ONNX only; use --format onnx")
-    model, meta = load_detector(run)
-    atomic_write(out, lambda tmp: _write_detector_onnx(model, meta, tmp))
+    meta = write_detector_onnx(run, out)
     print(
         f"wrote {out} (onnx, {meta.model}{' on ' + meta.backbone if meta.backbone else ''}, {_classes_shown(meta)}; "
         f"one image per call, any size)"
     )
     return out
+
+
+def write_detector_onnx(run: str | Path, out: Path) -> DetectorMeta:
+    """``run``'s detector as an ONNX file (one image of any size per call) with its classes; returns its metadata."""
+    model, meta = load_detector(run, "cpu")
+    atomic_write(out, lambda tmp: _write_detector_onnx(model, meta, tmp))
+    return meta
 
 
 def _write_detector_onnx(model: torch.nn.Module, meta: DetectorMeta, tmp: str) -> None:
