@@ -48,7 +48,7 @@ def test_int8_past_its_max_drop_writes_nothing(tmp_path, capsys):
     assert not out.exists() and not (tmp_path / "model.int8.onnx.json").exists()
 
 
-def test_int8_detector_is_measured_in_ap_and_runs_in_detect_predict(tmp_path, capsys):
+def test_int8_detector_is_measured_in_ap_and_runs_in_predict_and_benchmark(tmp_path, capsys):
     data = make_pennfudan(tmp_path / "pf", n=8)
     run = tmp_path / "run"
     tiny = ["--epochs", "2", "--min-size", "64", "--max-size", "64", "--quiet"]
@@ -62,6 +62,13 @@ def test_int8_detector_is_measured_in_ap_and_runs_in_detect_predict(tmp_path, ca
     assert _conv_weights_in_fp32(out) == ["stem", "1"]  # the backbone's stem and its first depthwise convolution
     assert main(["detect", "predict", str(out), str(data / "PNGImages"), "--output", str(tmp_path / "predict")]) == 0
     assert len(list((tmp_path / "predict").glob("*.png"))) == 8 and (tmp_path / "predict" / "predictions.json").is_file()
+    photo = data / "PNGImages" / "img01.png"
+    for model, engines in ((run, {"torch fp32", "onnxruntime fp32"}), (out, {"onnxruntime (file)"})):
+        capsys.readouterr()
+        assert main(["benchmark", str(model), "--calls", "3", "--image", str(photo)]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["image"] == str(photo) and set(report["engines"]) == engines
+        assert all(0 < t["p50_ms"] <= t["p90_ms"] and t["detections"] >= 0 for t in report["engines"].values())
 
 
 def _conv_weights_in_fp32(path) -> list[str]:

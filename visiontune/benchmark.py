@@ -1,9 +1,10 @@
-"""``visiontune benchmark RUN_OR_FILE``: how fast a trained classifier answers on this CPU, per engine.
+"""``visiontune benchmark RUN_OR_FILE``: how fast a trained model answers on this CPU, per engine.
 
-Single-image latency (p50 and p90 over many calls, after warm-up) and batched throughput (images/s at batch 32) for
-PyTorch eager (fp32), the run's ONNX graph on ONNX Runtime and on OpenVINO (fp32), or for an exported ``.onnx`` file
-(fp32 or INT8) on ONNX Runtime and OpenVINO. Random inputs of the model's input size: the numbers are the model's,
-not decoding's.
+Classifiers: single-image latency (p50 and p90 over many calls, after warm-up) and batched throughput (images/s at
+batch 32) for PyTorch eager (fp32), the run's ONNX graph on ONNX Runtime and on OpenVINO (fp32), or for an exported
+``.onnx`` file (fp32 or INT8) on ONNX Runtime and OpenVINO. Random inputs of the model's input size: the numbers are
+the model's, not decoding's. Detectors (one image per call): latency on PyTorch eager and the run's ONNX graph, or of
+an exported file, on a photo (``image``) or on noise of the model's input size, with the number of detections timed.
 """
 
 from __future__ import annotations
@@ -16,16 +17,25 @@ import time
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from .data.images import load_rgb
 from .engine.frozen import GraphForward, TorchForward, open_graph, tensor_call
-from .inference.load import OnnxClassifier, load_classifier
+from .export import write_detector_onnx
+from .inference.load import OnnxClassifier, load_classifier, load_detector, open_onnx, read_model_file
+from .meta import DetectorMeta
 
 
-def benchmark(run_or_file: str | Path, calls: int = 100, threads: int | None = None) -> dict:
-    """Latency and throughput of each engine for ``run_or_file``; printed as JSON and returned."""
+def benchmark(run_or_file: str | Path, calls: int = 100, threads: int | None = None, image: str | Path | None = None) -> dict:
+    """Latency (and classifiers' throughput) of each engine for ``run_or_file``; printed as JSON and returned."""
     if threads:
         torch.set_num_threads(threads)
+    onnx_file = str(run_or_file).endswith(".onnx")
+    if isinstance(open_onnx(run_or_file)[1] if onnx_file else read_model_file(run_or_file)[1], DetectorMeta):
+        report = _detector_benchmark(run_or_file, onnx_file, calls, image)
+        print(json.dumps(report, indent=1))
+        return report
     with tempfile.TemporaryDirectory() as tmp:
         if str(run_or_file).endswith(".onnx"):
             model = OnnxClassifier(run_or_file)
@@ -67,3 +77,28 @@ def call_times_ms(forward, x: torch.Tensor, calls: int) -> list[float]:
         forward(x)
         times.append(1000 * (time.perf_counter() - start))
     return times
+
+
+def _detector_benchmark(run_or_file: str | Path, onnx_file: bool, calls: int, image: str | Path | None) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        if onnx_file:
+            meta, graph = open_onnx(run_or_file)[1], Path(run_or_file)
+            engines = {"onnxruntime (file)": None}
+        else:
+            model, meta = load_detector(run_or_file, "cpu")
+            graph = Path(tmp) / "detector.onnx"
+            write_detector_onnx(run_or_file, graph)
+            engines = {"torch fp32": torch.no_grad()(lambda x: len(model([x])[0]["boxes"])), "onnxruntime fp32": None}
+        run = open_graph(graph, "onnxruntime")  # its first output: the boxes
+        engines = {name: forward or (lambda x: len(run(x.numpy()))) for name, forward in engines.items()}
+        if image is None:
+            x = torch.rand(3, meta.min_size, meta.max_size, generator=torch.Generator().manual_seed(0))
+        else:
+            x = torch.from_numpy(np.asarray(load_rgb(image))).permute(2, 0, 1).float().div(255)
+        results = {}
+        for name, forward in engines.items():
+            times = call_times_ms(forward, x, calls)
+            p50, p90 = statistics.median(times), statistics.quantiles(times, n=10)[-1]
+            results[name] = {"p50_ms": round(p50, 1), "p90_ms": round(p90, 1), "detections": forward(x)}
+    size = f"{x.shape[1]}x{x.shape[2]}"
+    return {"model": str(run_or_file), "threads": torch.get_num_threads(), "image": str(image or f"noise {size}"), "engines": results}

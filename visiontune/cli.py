@@ -163,10 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--force", action="store_true", help="--int8: keep the file even past --max-drop")
     ex.set_defaults(func=_export)
 
-    bench = tasks.add_parser("benchmark", help="a classifier's latency and throughput on this CPU, per engine (JSON)")
+    bench = tasks.add_parser("benchmark", help="a model's latency (classifiers: and throughput) on this CPU, per engine (JSON)")
     bench.add_argument("run", help="run directory, model.safetensors, or an exported .onnx file (fp32 or INT8)")
     bench.add_argument("--calls", type=int, default=100, help="single-image calls timed per engine (default: 100)")
     bench.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per core)")
+    bench.add_argument("--image", default=None, help="detectors: time them on this photo (default: noise, where they find little)")
     bench.set_defaults(func=_benchmark)
     return parser
 
@@ -272,7 +273,7 @@ def _benchmark(args):
         raise UserError("--threads: must be at least 1")
     from .benchmark import benchmark
 
-    benchmark(args.run, args.calls, args.threads)
+    benchmark(args.run, args.calls, args.threads, args.image)
 
 
 def _export(args):
