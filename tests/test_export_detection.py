@@ -23,6 +23,7 @@ from visiontune.cli import main
 from visiontune.data.images import load_rgb
 from visiontune.inference.detect import predict_run
 from visiontune.inference.load import load_detector
+from visiontune.metrics.coco import predict_records
 from visiontune.models.detection import build_detector
 
 # measured over 238 detections on 7 Penn-Fudan images: boxes <= 0.0005 px, scores <= 2.5e-5, mask IoU 1.0, mean |dp| 4e-8
@@ -137,6 +138,16 @@ def test_onnx_matches_pytorch_boxes_labels_scores_masks(run_dir, onnx_file, imag
     assert compared >= 3 * len(images)
 
 
+def test_detections_of_an_image_do_not_depend_on_the_images_beside_it(run_dir, images):
+    """eval and predict run one image per forward pass: in a batch, a larger image widens the padding of a smaller one,
+    and that changed its detections (and AP) in PyTorch, while the exported graph runs one image per call."""
+    model, _ = load_detector(run_dir)
+    small, large = (TF.pil_to_tensor(load_rgb(p)) for p in (images[3], images[0]))
+    alone = predict_records(model, [small], "cpu")[0]
+    beside = predict_records(model, [small, large], "cpu")[0]
+    assert len(alone["boxes"]) > 0 and all(torch.equal(alone[k], beside[k]) for k in alone)
+
+
 def test_onnx_pools_rois_without_scatter(onnx_file):
     """The traced RoI pooler merges its FPN levels by a gather: torchvision's scatter into a zero tensor of every RoI
     took half of ONNX Runtime's time per Penn-Fudan image (633 against 270 ms, identical outputs)."""
@@ -157,7 +168,7 @@ def test_onnx_metadata_carries_classes_preprocessing_and_model(onnx_file):
 
 def test_detect_predict_runs_the_onnx_file_like_the_run(run_dir, onnx_file, images, tmp_path):
     # one image per batch, as the ONNX file runs: a batch pads its images to one size, which moves a random model's scores
-    predict_run(run_dir, list(map(str, images)), score_threshold=0.3, output=str(tmp_path / "pt"), batch_size=1)
+    predict_run(run_dir, list(map(str, images)), score_threshold=0.3, output=str(tmp_path / "pt"))
     assert (
         main(["detect", "predict", str(onnx_file), *map(str, images), "--output", str(tmp_path / "ort"), "--score-threshold", "0.3"]) == 0
     )

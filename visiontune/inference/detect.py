@@ -55,7 +55,6 @@ def predict_run(
     inputs: list[str],
     score_threshold: float = 0.5,
     output: str | None = None,
-    batch_size: int = 4,
     quiet: bool = False,
     device: str = "auto",
     tta: str = "none",
@@ -76,14 +75,12 @@ def predict_run(
         raise UserError(f"--output: cannot create {out_dir} ({e.strerror})") from None
     classes, results = meta.classes, []
     start = time.perf_counter()
-    for i in range(0, len(paths), batch_size):
-        chunk = paths[i : i + batch_size]
-        images = [TF.pil_to_tensor(load_rgb(p)) for p in chunk]
-        for j, (p, image, o) in enumerate(zip(chunk, images, predict_records(model, images, on, batch_size))):
-            image_id = i + j + 1
-            for r in coco_results([o], [image_id], meta.category_ids, score_threshold):
-                results.append({"file_name": str(p), "category": classes[meta.category_ids.index(r["category_id"])], **r})
-            write_png(draw_detections(image, o, classes, score_threshold), str(out_dir / f"{image_id:05d}_{p.stem}.png"))
+    for image_id, p in enumerate(paths, start=1):
+        image = TF.pil_to_tensor(load_rgb(p))
+        o = predict_records(model, [image], on)[0]
+        for r in coco_results([o], [image_id], meta.category_ids, score_threshold):
+            results.append({"file_name": str(p), "category": classes[meta.category_ids.index(r["category_id"])], **r})
+        write_png(draw_detections(image, o, classes, score_threshold), str(out_dir / f"{image_id:05d}_{p.stem}.png"))
     seconds = time.perf_counter() - start
     (out_dir / "predictions.json").write_text(json.dumps(results))
     summary = {
