@@ -93,10 +93,17 @@ def test_val_every_validates_the_first_every_nth_and_the_last_epoch_and_keeps_a_
         DetectConfig(val_every=0).validate()
 
 
-def test_time_budget_counts_a_share_of_the_validation_per_epoch_with_val_every(tmp_path):
-    """A first epoch of 20 s, 10 of them training, in a 1-minute budget: 3 epochs when each validates, 4 with
-    --val-every 5 (later epochs cost 10 s + 10/5 s)."""
-    for every, expected in ((1, 3), (5, 4)):
+def test_time_budget_plans_from_the_second_epoch_with_a_share_of_the_validation(tmp_path):
+    """A first epoch of 20 s, 10 of them training, then one of 8 s training, in a 1-minute budget: after the first,
+    no decision (3 would fit at its pace); after the second, 3 epochs when each validates (later ones cost 8 s + 10 s),
+    5 with --val-every 5 (8 s + 10/5 s)."""
+    first, second = {"train_seconds": 10.0, "elapsed_seconds": 20.0}, {"train_seconds": 8.0, "elapsed_seconds": 28.0}
+    for every, expected in ((1, 3), (5, 5)):
         cfg = DetectConfig(epochs=100, time_budget=1.0, val_every=every)
-        fit_epochs_to_budget(cfg, 20.0, tmp_path, progress=False, train_seconds=10.0)
+        fit_epochs_to_budget(cfg, [first], tmp_path, progress=False)
+        assert cfg.epochs == 100
+        fit_epochs_to_budget(cfg, [first, second], tmp_path, progress=False)
         assert cfg.epochs == expected
+    cfg = DetectConfig(epochs=100, time_budget=0.5)  # 30 s: after the first epoch, room for one more at most
+    fit_epochs_to_budget(cfg, [first], tmp_path, progress=False)
+    assert cfg.epochs == 1
