@@ -93,10 +93,10 @@ def test_val_every_validates_the_first_every_nth_and_the_last_epoch_and_keeps_a_
         DetectConfig(val_every=0).validate()
 
 
-def test_time_budget_plans_from_the_second_epoch_with_a_share_of_the_validation(tmp_path):
+def test_time_budget_plans_from_the_second_epoch_on_with_a_share_of_the_validation(tmp_path):
     """A first epoch of 20 s, 10 of them training, then one of 8 s training, in a 1-minute budget: after the first,
     no decision (3 would fit at its pace); after the second, 3 epochs when each validates (later ones cost 8 s + 10 s),
-    5 with --val-every 5 (8 s + 10/5 s)."""
+    5 with --val-every 5 (8 s + 10/5 s); a slower third epoch lowers that again, a faster one never raises it."""
     first, second = {"train_seconds": 10.0, "elapsed_seconds": 20.0}, {"train_seconds": 8.0, "elapsed_seconds": 28.0}
     for every, expected in ((1, 3), (5, 5)):
         cfg = DetectConfig(epochs=100, time_budget=1.0, val_every=every)
@@ -104,6 +104,12 @@ def test_time_budget_plans_from_the_second_epoch_with_a_share_of_the_validation(
         assert cfg.epochs == 100
         fit_epochs_to_budget(cfg, [first, second], tmp_path, progress=False)
         assert cfg.epochs == expected
+    slow, fast = {"train_seconds": 14.0, "elapsed_seconds": 44.0}, {"train_seconds": 1.0, "elapsed_seconds": 33.0}
+    fit_epochs_to_budget(cfg, [first, second, fast], tmp_path, progress=False)
+    assert cfg.epochs == 5
+    fit_epochs_to_budget(cfg, [first, second, slow], tmp_path, progress=False)
+    assert cfg.epochs == 4  # 3 + (60 - 44) // (14 + 2)
+    assert "epochs: 4\n" in (tmp_path / "config.yaml").read_text()
     cfg = DetectConfig(epochs=100, time_budget=0.5)  # 30 s: after the first epoch, room for one more at most
     fit_epochs_to_budget(cfg, [first], tmp_path, progress=False)
     assert cfg.epochs == 1

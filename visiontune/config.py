@@ -196,7 +196,7 @@ class DetectConfig:
     epochs: int | None = setting(None, "passes over the training images (default: the recipe's)")
     time_budget: float | None = setting(
         None,
-        "minutes to train and validate in: after the second epoch, the number of epochs is lowered to what fits "
+        "minutes to train and validate in: after each epoch, the number of epochs is lowered to what fits "
         "(the schedule then ends in time); --epochs stays the most it trains",
     )
     batch_size: int = setting(2, "images per step (global under torchrun, split across processes)")

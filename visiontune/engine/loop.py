@@ -95,7 +95,7 @@ def fit(task: Task, resume: bool = False, given: dict | None = None) -> dict:
         resume_command = f"visiontune {task.command} train --resume {out}"
         duties = StepCheckpoints(stop, save, cfg.checkpoint_every, steps_per_epoch, last, resume_command, distributed.any_process)
         epoch = first_epoch - 1
-        while (epoch := epoch + 1) < cfg.epochs:  # --time-budget may lower cfg.epochs after the first two epochs
+        while (epoch := epoch + 1) < cfg.epochs:  # --time-budget may lower cfg.epochs after each epoch
             if out_of_patience(cfg.patience, cfg.monitor, state, epoch, progress):
                 break
             task.before_epoch(epoch)
@@ -127,7 +127,7 @@ def fit(task: Task, resume: bool = False, given: dict | None = None) -> dict:
             }
             with average.swapped_in(task.model) if average else nullcontext():  # validated and kept: the average
                 task.validate(epoch, stats, record)
-            if epoch in (0, 1) and getattr(cfg, "time_budget", None):  # detection's --time-budget
+            if getattr(cfg, "time_budget", None):  # detection's --time-budget
                 fit_epochs_to_budget(cfg, state.history, out, progress)
             save(epoch + 1)
             duties.after_epoch(epoch + 1)
@@ -146,13 +146,15 @@ def after_step(duties: StepCheckpoints, average: WeightAverage | None, model, ep
 
 
 def fit_epochs_to_budget(cfg, history: list[dict], out: Path, progress: bool) -> None:
-    """Lower ``cfg.epochs`` to what fits in ``cfg.time_budget`` minutes (rank 0's clock for every process) and save it in
-    config.yaml, so the schedule ends in time and a resumed run keeps it. ``history``: the epochs' log entries so far.
+    """After each epoch, lower ``cfg.epochs`` to what fits in ``cfg.time_budget`` minutes at the last epoch's pace (rank
+    0's clock for every process) and save it in config.yaml, so the schedule ends in time and a resumed run keeps it.
+    ``history``: the epochs' log entries so far. A later epoch costs the last one's training time and, with
+    ``--val-every N``, 1/N of what the first epoch spent outside training (setting up, validating).
 
-    Planned after the second epoch, from its training time: the first trains slower (kernels are made for each new
-    image size: 75 s against 54-60 s for the next ones on Penn-Fudan), and planning from it left 6 of 30 minutes
-    unused. After the first epoch only where it leaves room for two at most. A later epoch costs that training time
-    and, with ``--val-every N``, 1/N of what the first epoch spent outside training (setting up, validating)."""
+    Not after the first epoch unless two at most fit: a first epoch slowed by anything else running (75 s against
+    54-60 s for the next ones) stopped a 30-minute Penn-Fudan run after 24. Again after every later one, since epochs
+    grow slower as training goes on (60 s early, 75-88 s in the last third of another 30-minute run, which a plan made
+    once after the second epoch let run 32 minutes); the schedule follows ``cfg.epochs`` as it is lowered."""
     decided = None
     if distributed.is_main():
         first, last = history[0], history[-1]
@@ -161,7 +163,7 @@ def fit_epochs_to_budget(cfg, history: list[dict], out: Path, progress: bool) ->
         fits = len(history) + int(max(0.0, cfg.time_budget * 60 - last["elapsed_seconds"]) // max(later, 1e-3))
         decided = None if len(history) == 1 and fits > 2 else max(1, min(cfg.epochs, fits))
     decided = distributed.broadcast_object(decided)
-    if decided is None:
+    if decided is None or decided == cfg.epochs:
         return
     cfg.epochs = decided
     if distributed.is_main():
