@@ -32,8 +32,9 @@ def benchmark(run_or_file: str | Path, calls: int = 100, threads: int | None = N
     if threads:
         torch.set_num_threads(threads)
     onnx_file = str(run_or_file).endswith(".onnx")
-    if isinstance(open_onnx(run_or_file)[1] if onnx_file else read_model_file(run_or_file)[1], DetectorMeta):
-        report = _detector_benchmark(run_or_file, onnx_file, calls, image)
+    meta = open_onnx(run_or_file)[1] if onnx_file else read_model_file(run_or_file)[1]
+    if isinstance(meta, DetectorMeta):
+        report = _detector_benchmark(run_or_file, meta, onnx_file, calls, image)
         print(json.dumps(report, indent=1))
         return report
     with tempfile.TemporaryDirectory() as tmp:
@@ -79,13 +80,13 @@ def call_times_ms(forward, x: torch.Tensor, calls: int) -> list[float]:
     return times
 
 
-def _detector_benchmark(run_or_file: str | Path, onnx_file: bool, calls: int, image: str | Path | None) -> dict:
+def _detector_benchmark(run_or_file: str | Path, meta: DetectorMeta, onnx_file: bool, calls: int, image: str | Path | None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         if onnx_file:
-            meta, graph = open_onnx(run_or_file)[1], Path(run_or_file)
+            graph = Path(run_or_file)
             engines = {"onnxruntime (file)": None}
         else:
-            model, meta = load_detector(run_or_file, "cpu")
+            model, _ = load_detector(run_or_file, "cpu")
             graph = Path(tmp) / "detector.onnx"
             write_detector_onnx(run_or_file, graph)
             engines = {"torch fp32": torch.no_grad()(lambda x: len(model([x])[0]["boxes"])), "onnxruntime fp32": None}

@@ -57,7 +57,12 @@ def export_int8(run: str | Path, output: str | Path, calibration_images: int | N
         fp32, int8 = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         quantize = _detector_int8 if isinstance(meta, DetectorMeta) else _classifier_int8
         report, metric = quantize(run, settings, meta, count, fp32, int8)
-        report.update(size_ratio=round(int8.stat().st_size / fp32.stat().st_size, 3), run=str(run))
+        report.update({f"{name}_bytes": path.stat().st_size for name, path in (("fp32", fp32), ("int8", int8))})
+        report.update(
+            size_ratio=round(report["int8_bytes"] / report["fp32_bytes"], 3),
+            latency_ratio=round(report["int8_p50_ms"] / report["fp32_p50_ms"], 3),
+            run=str(run),
+        )
         drop = 100 * (report[f"fp32_{metric}"] - report[f"int8_{metric}"])
         print(json.dumps(report))
         if drop > max_drop and not force:
@@ -158,15 +163,12 @@ def _measure(fp32: Path, int8: Path, val: list[tuple[Path, int]], meta: Classifi
             preds[name].append(model(torch.from_numpy(batch)).argmax(1))
     top1 = {name: torch.cat(p) for name, p in preds.items()}
     one = torch.from_numpy(next(_batches([val[0][0]], meta)))
-    report = {
+    return {
         "val_images": len(val),
         "top1_agreement": round((top1["fp32"] == top1["int8"]).float().mean().item(), 4),
         **{f"{name}_accuracy": round((t == labels).float().mean().item(), 4) for name, t in top1.items()},
-        **{f"{name}_bytes": path.stat().st_size for name, path in (("fp32", fp32), ("int8", int8))},
         **{f"{name}_p50_ms": round(statistics.median(call_times_ms(model, one, 30)), 2) for name, model in models.items()},
     }
-    report["latency_ratio"] = round(report["int8_p50_ms"] / report["fp32_p50_ms"], 3)
-    return report
 
 
 def _measure_detector(fp32: Path, int8: Path, val: list, meta: DetectorMeta, masks: bool) -> dict:
@@ -176,9 +178,6 @@ def _measure_detector(fp32: Path, int8: Path, val: list, meta: DetectorMeta, mas
         metrics, _ = evaluate_model(model, val, meta.classes, masks, torch.device("cpu"), keep_outputs=0)
         report.update({f"{name}_{k}": round(metrics[k], 4) for k in ("bbox_AP", "bbox_AP50", "segm_AP", "segm_AP50") if k in metrics})
     one = [val[0].read_image().float().div(255)]
-    for name, path in (("fp32", fp32), ("int8", int8)):
-        report[f"{name}_bytes"] = path.stat().st_size
     for name, model in models.items():
         report[f"{name}_p50_ms"] = round(statistics.median(call_times_ms(model, one, 10)), 1)
-    report["latency_ratio"] = round(report["int8_p50_ms"] / report["fp32_p50_ms"], 3)
     return report
