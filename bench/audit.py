@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from visiontune.audit import audit, image_features, nearest  # noqa: E402
-from visiontune.data.classification import Samples, find_splits  # noqa: E402
+from visiontune.data.splits import Samples, find_splits  # noqa: E402
 from visiontune.engine.frozen import frozen_forward  # noqa: E402
 from visiontune.models.backbones import build_backbone  # noqa: E402
 

@@ -11,7 +11,7 @@ from conftest import make_class_folders, make_image
 
 from visiontune import checkpoint as ckpt
 from visiontune.cli import main
-from visiontune.data.classification import find_splits, scan_folder
+from visiontune.data.splits import find_splits, scan_folder
 
 SMALL = ["--image-size", "64", "--quiet", "--seed", "0"]
 

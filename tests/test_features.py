@@ -12,7 +12,8 @@ from conftest import make_class_folders
 from torch import nn
 
 from visiontune.cli import main
-from visiontune.data.classification import open_images, scan_folder
+from visiontune.data.classification import open_images
+from visiontune.data.splits import scan_folder
 from visiontune.data.transforms import classification_train
 from visiontune.engine import features as F
 from visiontune.engine.frozen import TorchForward

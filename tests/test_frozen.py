@@ -95,7 +95,8 @@ def test_a_module_that_cannot_be_exported_runs_in_pytorch(tmp_path, caplog):
 
 def test_the_engine_is_part_of_the_feature_cache_key(lite0, tmp_path):
     root = make_class_folders(tmp_path / "data", per_class=2, splits=("train",)) / "train"
-    from visiontune.data.classification import open_images, scan_folder
+    from visiontune.data.classification import open_images
+    from visiontune.data.splits import scan_folder
     from visiontune.data.transforms import classification_eval
 
     ds, _ = open_images(scan_folder(root), 64, classification_eval(64, 64, (0.5,) * 3, (0.5,) * 3), "ram", progress=False)

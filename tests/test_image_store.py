@@ -14,7 +14,8 @@ from test_streaming import TINY, train
 from visiontune import checkpoint as ckpt
 from visiontune.data import classification as C
 from visiontune.data import image_store
-from visiontune.data.classification import open_images, scan_folder
+from visiontune.data.classification import open_images
+from visiontune.data.splits import scan_folder
 from visiontune.data.transforms import classification_eval
 from visiontune.errors import UserError
 

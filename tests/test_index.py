@@ -15,7 +15,7 @@ from conftest import make_class_folders, make_image
 from visiontune import checkpoint as ckpt
 from visiontune.cli import main
 from visiontune.config import ClassifyConfig
-from visiontune.data.classification import find_splits, scan_folder
+from visiontune.data.splits import find_splits, scan_folder
 from visiontune.errors import UserError
 from visiontune.tasks.classify import fit
 

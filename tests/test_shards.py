@@ -17,9 +17,9 @@ from conftest import make_class_folders
 from visiontune import checkpoint as ckpt
 from visiontune.cli import main
 from visiontune.data import tar_members
-from visiontune.data.classification import find_splits
 from visiontune.data.images import load_rgb
 from visiontune.data.shards import read_shards
+from visiontune.data.splits import find_splits
 from visiontune.errors import UserError
 from visiontune.inference.classify import predict
 
@@ -105,6 +105,27 @@ def test_a_shard_is_listed_once_and_again_when_it_changes(tmp_path, monkeypatch)
     (tmp_path / "a-file").write_text("")
     monkeypatch.setenv("VISIONTUNE_CACHE", str(tmp_path / "a-file"))  # a cache folder that cannot be made: listed, not saved
     assert read_shards(pattern).train == grown.train  # (it raised NotADirectoryError when cleaning up the failed save)
+
+
+def test_shard_listings_follow_the_cache_dir(tmp_path, monkeypatch):
+    """Listings are saved in the run's --cache-dir, and nowhere under --cache-dir none (the default folder untouched)."""
+    monkeypatch.setenv("VISIONTUNE_CACHE", str(tmp_path / "default"))
+    data = make_class_folders(tmp_path / "data", classes=("red", "blue"), per_class=4)
+    pattern = webdataset_shards(data / "train", tmp_path / "shards", 2)
+    train, _ = find_splits(pattern, val_split=0.25, cache_dir=tmp_path / "mine")
+    assert len(list((tmp_path / "mine" / "shards").glob("*.npz"))) == 2 and not (tmp_path / "default").exists()
+    tar_members._TABLES.clear()
+    again, _ = find_splits(pattern, val_split=0.25, cache_dir="none")
+    assert again.items == train.items and not (tmp_path / "default").exists()
+    tar_members._TABLES.clear()
+    with monkeypatch.context() as m:  # the saved listings of --cache-dir are read: no shard is listed again
+        m.setattr(tarfile, "open", lambda *a, **k: pytest.fail("a shard was listed again"))
+        assert find_splits(pattern, val_split=0.25, cache_dir=tmp_path / "mine")[0].items == train.items
+    main(
+        ["classify", "train", "--data", pattern, "--val-split", "0.25", "--out", str(tmp_path / "run"), "--strategy", "linear"]
+        + ["--epochs", "1", "--cache-dir", "none", *TINY]
+    )
+    assert not (tmp_path / "default").exists()
 
 
 def test_a_linear_run_on_shards_is_the_run_on_their_folders(tmp_path, capsys):

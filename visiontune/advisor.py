@@ -26,7 +26,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .config import ClassifyConfig
-from .data.classification import Samples, find_splits, open_images
+from .data.classification import open_images
+from .data.splits import Samples, find_splits
 from .data.transforms import classification_eval
 from .engine.features import extract
 from .engine.frozen import TorchForward
@@ -118,7 +119,7 @@ def linear_probe_accuracy(features: torch.Tensor, labels: torch.Tensor, seed: in
 
 def choose_strategy(cfg: ClassifyConfig) -> Advice:
     """Measure the data, apply the rules, print the measurements and the reason."""
-    train_s, _ = find_splits(cfg.data, cfg.val_data, cfg.val_split, cfg.seed)
+    train_s, _ = find_splits(cfg.data, cfg.val_data, cfg.val_split, cfg.seed, cache_dir=cfg.cache_dir)
     counts = train_s.counts()
     per_class = len(train_s) / len(train_s.classes)
     measurements = {

@@ -31,9 +31,11 @@ import torch.nn.functional as F
 from .caches import cache_folder
 from .checkpoint import atomic_write_text
 from .config import ClassifyConfig
-from .data.classification import Samples, find_splits, open_images, scan_folder
+from .data.classification import open_images
 from .data.images import load_rgb
 from .data.shards import is_listing, read_listing
+from .data.splits import Samples, find_splits, scan_folder
+from .data.tar_members import listings_in
 from .data.transforms import classification_eval
 from .engine.features import cached_extract
 from .engine.frozen import frozen_forward
@@ -75,7 +77,7 @@ def audit(
     threshold = DEFAULT_THRESHOLD if duplicate_threshold is None else duplicate_threshold
     if not 0 < threshold <= 1:
         raise UserError(f"--duplicate-threshold: must be in (0, 1], got {threshold}")
-    train_s, val_s = splits(data, val_data, seed)
+    train_s, val_s = splits(data, val_data, seed, cache_dir)
     out_dir = _out_dir(out, data)
     laps = [time.perf_counter()]
     backbone = build_backbone(model, weights)
@@ -145,16 +147,17 @@ def describe(result: dict) -> str:
     return "\n".join(lines + [f"wrote {s['out']}/audit.html ({s['seconds']['total']:.1f} s)"])
 
 
-def splits(data: str, val_data: str | None, seed: int) -> tuple[Samples, Samples]:
+def splits(data: str, val_data: str | None, seed: int, cache_dir: str | None) -> tuple[Samples, Samples]:
     """As ``find_splits``; class folders (or an index) without a validation part audit their training images alone."""
     root = Path(data or "")
     if data and val_data is None and not is_listing(data) and root.is_dir() and not (root / "val").is_dir():
         train = scan_folder(root / "train" if (root / "train").is_dir() else root)
         return train, Samples([], train.classes)
     if data and val_data is None and is_listing(data):
-        rows = read_listing(data)
+        with listings_in(cache_folder(cache_dir)):
+            rows = read_listing(data)
         return Samples(rows.train, rows.classes), Samples(rows.val or [], rows.classes)
-    return find_splits(data, val_data, None, seed)
+    return find_splits(data, val_data, None, seed, cache_dir=cache_dir)
 
 
 def _out_dir(out: str | None, data: str) -> Path:

@@ -13,7 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .config import ClassifyConfig
-from .data.classification import find_splits
+from .data.splits import find_splits
 from .errors import UserError
 from .runs import check_out_dir, create_out_dir, write_json
 from .strategies import STRATEGIES
@@ -77,7 +77,7 @@ def compare(cfg: ClassifyConfig, strategies: tuple[str, ...] = tuple(STRATEGIES)
     if cfg.labels:
         raise UserError("--labels: compare ranks single-label runs by accuracy; train each multi-label strategy with classify train")
     out = check_out_dir(cfg.out, cfg.overwrite)
-    find_splits(cfg.data, cfg.val_data, cfg.val_split, cfg.seed)  # a bad --data fails before anything is written
+    find_splits(cfg.data, cfg.val_data, cfg.val_split, cfg.seed, cache_dir=cfg.cache_dir)  # a bad --data fails before anything is written
     create_out_dir(out, cfg.overwrite)
     epochs = cfg.epochs or DEFAULT_EPOCHS
     rows, runs = [], {}

@@ -20,8 +20,9 @@ import torch
 from .benchmark import call_times_ms
 from .checkpoint import atomic_write, atomic_write_text
 from .config import DetectConfig, from_dict
-from .data.classification import find_splits, load_downsized
+from .data.classification import load_downsized
 from .data.formats import load_splits
+from .data.splits import find_splits
 from .errors import UserError
 from .export import write_classifier_onnx, write_detector_onnx
 from .inference.classify import eval_transform
@@ -74,7 +75,9 @@ def export_int8(run: str | Path, output: str | Path, calibration_images: int | N
 
 
 def _classifier_int8(run, settings: dict, meta: ClassifierMeta, count: int, fp32: Path, int8: Path) -> tuple[dict, str]:
-    train, val = find_splits(settings["data"], settings.get("val_data"), settings.get("val_split"), settings.get("seed", 0))
+    train, val = find_splits(
+        settings["data"], settings.get("val_data"), settings.get("val_split"), settings.get("seed", 0), cache_dir=settings.get("cache_dir")
+    )
     count = max(CALIBRATION_BATCH, min(count, len(train)) // CALIBRATION_BATCH * CALIBRATION_BATCH)
     sample = random.Random(0).sample(train.items, min(count, len(train)))
     write_classifier_onnx(run, fp32)

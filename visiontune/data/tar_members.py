@@ -9,6 +9,8 @@ import json
 import os
 import tarfile
 import zipfile
+from collections.abc import Iterator
+from contextvars import ContextVar
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -115,12 +117,28 @@ def _table(shard: str) -> MemberTable:
 # --------------------------------------------------------------------------------------------- saved listings
 
 LISTING_FORMAT = 1
+_LISTING_CACHE: ContextVar[Path | None] = ContextVar("listing_cache")  # unset: the default cache folder
 
 
-def listing_file(shard: str | Path) -> Path:
-    """Where a shard's listing is saved: the feature cache folder's ``shards/``, named by the shard's absolute path."""
+@contextlib.contextmanager
+def listings_in(cache: Path | None) -> Iterator[None]:
+    """Within the block, shard listings are saved to and read from ``cache``/shards (a run's --cache-dir); None:
+    neither (--cache-dir none)."""
+    token = _LISTING_CACHE.set(cache)
+    try:
+        yield
+    finally:
+        _LISTING_CACHE.reset(token)
+
+
+def listing_file(shard: str | Path) -> Path | None:
+    """Where a shard's listing is saved: the cache folder's ``shards/``, named by the shard's absolute path; None
+    when listings are not saved."""
+    cache = _LISTING_CACHE.get(default_cache_dir())
+    if cache is None:
+        return None
     digest = hashlib.sha256(str(Path(shard).resolve()).encode()).hexdigest()[:24]
-    return default_cache_dir() / "shards" / f"{digest}.npz"
+    return cache / "shards" / f"{digest}.npz"
 
 
 def _listing_key(shard: str | Path) -> str:
@@ -131,8 +149,11 @@ def _listing_key(shard: str | Path) -> str:
 def saved_listing(shard: str | Path) -> tuple[MemberTable, list[tuple[str, str]]] | None:
     """(member table, samples as (image member, label)) saved by an earlier listing of this very shard (same path,
     size and modification time), else None: a missing, stale or unreadable file is listed again."""
+    path = listing_file(shard)
+    if path is None:
+        return None
     try:
-        with np.load(listing_file(shard), allow_pickle=False) as f:
+        with np.load(path, allow_pickle=False) as f:
             if str(f["key"]) != _listing_key(shard):
                 return None
             table = MemberTable(f["names"], f["places"])
@@ -145,6 +166,8 @@ def saved_listing(shard: str | Path) -> tuple[MemberTable, list[tuple[str, str]]
 def save_listing(shard: str | Path, table: MemberTable, rows: list[tuple[str, str]]) -> None:
     """Save a shard's listing for later runs (atomically; a cache folder that cannot be written is skipped)."""
     path = listing_file(shard)
+    if path is None:
+        return
     tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -10,10 +10,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..caches import default_cache_dir
 from ..config import TTA
-from ..data.classification import Samples, load_downsized, open_images, scan_folder
+from ..data.classification import load_downsized, open_images
 from ..data.images import expand_inputs
 from ..data.multilabel import read_label_file
 from ..data.shards import is_listing, read_listing
+from ..data.splits import Samples, scan_folder
 from ..data.transforms import classification_eval
 from ..engine.frozen import TorchForward, frozen_forward
 from ..errors import UserError

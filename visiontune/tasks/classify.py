@@ -21,7 +21,8 @@ from .. import checkpoint as ckpt
 from .. import strategies
 from ..caches import cache_folder, default_cache_dir
 from ..config import ClassifyConfig
-from ..data.classification import find_splits, open_images
+from ..data.classification import open_images
+from ..data.splits import find_splits
 from ..data.transforms import classification_eval, classification_train
 from ..engine import distributed, loop, wise
 from ..engine.features import cached_extract
@@ -93,7 +94,7 @@ class ClassifyTask:
     def setup(self, device: torch.device, bf16: bool, progress: bool) -> None:
         cfg, recipe = self.cfg, self.recipe
         self.device, self.bf16, self.progress = device, bf16, progress
-        self.train_s, self.val_s = find_splits(cfg.data, cfg.val_data, cfg.val_split, cfg.seed, cfg.labels)
+        self.train_s, self.val_s = find_splits(cfg.data, cfg.val_data, cfg.val_split, cfg.seed, cfg.labels, cfg.cache_dir)
         backbone = build_backbone(cfg.model, cfg.weights)
         prep = backbone.preprocessing
         size = cfg.image_size or prep.input_size
