@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tarfile
 
 import numpy as np
 import pytest
@@ -63,6 +64,33 @@ def test_coco_formats_and_category_remap(tmp_path, masks):
         assert int(r.read_masks()[0].sum()) >= (x2 - x1) * (y2 - y1) * 0.9
     gt = to_coco_api(data.records, data.classes)
     assert len(gt.getAnnIds()) == sum(len(rect) for rect in map(rectangles, range(3)))
+
+
+def test_coco_images_in_tar_shards_are_the_images_of_the_folder(tmp_path, capsys):
+    """--data SHARDS with --annotations: the records of the folder (members found by file_name, "./" or not, read at
+    their offsets, in DataLoader workers too); a detector trains on them; a file_name in no shard is named."""
+    root, ann = make_coco(tmp_path / "c", n=6, masks="rle")
+    for s, (prefix, names) in enumerate([("./", ["im0", "im1", "im2"]), ("", ["im3", "im4", "im5"])]):
+        with tarfile.open(tmp_path / f"images-{s}.tar", "w") as tar:
+            for name in names:
+                tar.add(root / f"{name}.png", arcname=f"{prefix}{name}.png")
+    pattern = str(tmp_path / "images-{0..1}.tar")
+    folder, shards = load_coco(root, ann), load_coco(pattern, ann)
+    assert "images-0.tar/im1.png" in shards.records[1].path and "images-1.tar/im4.png" in shards.records[4].path
+    for a, b in zip(folder.records, shards.records, strict=True):
+        assert torch.equal(a.read_image(), b.read_image()) and torch.equal(a.read_masks(), b.read_masks())
+        assert torch.equal(a.boxes, b.boxes) and torch.equal(a.labels, b.labels) and a.size == b.size
+    out = tmp_path / "run"
+    tiny = ["--min-size", "64", "--max-size", "64", "--backbone-weights", "none", "--quiet", "--workers", "2"]
+    args = ["detect", "train", "--format", "coco", "--data", pattern, "--annotations", str(ann), "--epochs", "1", "--val-split", "0.34"]
+    assert main([*args, "--out", str(out), *tiny]) == 0, capsys.readouterr().err
+    assert json.loads((out / "metrics.json").read_text())["segm_AP"] >= 0
+
+    doc = json.loads(ann.read_text())
+    doc["images"][2]["file_name"] = "elsewhere/im2.png"
+    ann.write_text(json.dumps(doc))
+    assert main([*args, "--out", str(tmp_path / "run2"), *tiny]) == 2
+    assert "file_name 'elsewhere/im2.png' is not a member of the shards" in capsys.readouterr().err
 
 
 def test_degenerate_boxes_are_dropped_and_counted(tmp_path, caplog):

@@ -1,9 +1,9 @@
 """COCO JSON -> decoded records; and records -> a pycocotools COCO object for evaluation.
 
 Annotations may carry polygons or RLE (then masks are trained) or boxes only (then detection only).
-Category ids may be anything: they are remapped to 1..K in increasing id order, names kept. Every
-``file_name`` must stay inside the image root. Crowd annotations are left out of training, as torchvision's
-reference scripts do.
+Category ids may be anything: they are remapped to 1..K in increasing id order, names kept. The image root is a
+folder (every ``file_name`` must stay inside it) or ``.tar`` shards that hold the images as members. Crowd annotations
+are left out of training, as torchvision's reference scripts do.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
@@ -20,6 +20,8 @@ from pycocotools import mask as mask_utils
 from ..errors import UserError
 from .images import image_size
 from .instance import InstanceData, MaskSource, Record, drop_degenerate, warn_dropped
+from .shards import is_shards, shard_files
+from .tar_members import find_members
 
 log = logging.getLogger("visiontune")
 
@@ -60,6 +62,23 @@ def safe_image_path(root: Path, file_name: str, json_path: Path) -> Path:
     return candidate
 
 
+def image_paths(image_root: str | Path, file_names: list[str], json_path: Path) -> list[Path]:
+    """Each ``file_name``'s image: a file under the image root folder, or a member of the ``.tar`` shards the root names
+    (``--data 'images-{000..099}.tar'``: members read at their offsets, as for classification shards)."""
+    if not is_shards(image_root):
+        paths = [safe_image_path(Path(image_root), name, json_path) for name in file_names]
+        for path, name in zip(paths, file_names):
+            if not path.is_file():
+                raise UserError(f"{path}: image not found (file_name {name!r} in {json_path})")
+        return paths
+    names = [str(PurePosixPath(name)) for name in file_names]  # as the shard lists it: no "./"
+    found = find_members(shard_files(image_root, "--data"), names)
+    for path, name in zip(found, file_names):
+        if path is None:
+            raise UserError(f"{json_path}: file_name {name!r} is not a member of the shards {image_root}")
+    return found
+
+
 def segmentation_mask(seg, height: int, width: int) -> np.ndarray:
     """Polygons, uncompressed RLE or compressed RLE -> (H, W) uint8."""
     if isinstance(seg, list):
@@ -90,9 +109,10 @@ def load_coco(image_root: str | Path, annotations: str | Path) -> InstanceData:
     """Each image's header (its size checked against the JSON) and its annotations; masks when every annotation has a
     segmentation, kept as the JSON gives them until read."""
     root, json_path = Path(image_root), Path(annotations)
-    if not root.is_dir():
+    if not is_shards(image_root) and not root.is_dir():
         raise UserError(f"--data: {root}: no such directory")
     doc = read_coco_json(json_path)
+    paths = image_paths(image_root, [str(im["file_name"]) for im in doc["images"]], json_path)
     cats = sorted(doc["categories"], key=lambda c: c["id"])
     if len({c["id"] for c in cats}) != len(cats):
         raise UserError(f"{json_path}: duplicate category ids")
@@ -118,10 +138,7 @@ def load_coco(image_root: str | Path, annotations: str | Path) -> InstanceData:
         by_image.setdefault(a["image_id"], []).append(a)
 
     records, dropped = [], 0
-    for index, im in enumerate(doc["images"]):
-        path = safe_image_path(root, str(im["file_name"]), json_path)
-        if not path.is_file():
-            raise UserError(f"{path}: image not found (file_name {im['file_name']!r} in {json_path})")
+    for index, (im, path) in enumerate(zip(doc["images"], paths)):
         w, h = image_size(path)
         if ("width" in im and im["width"] != w) or ("height" in im and im["height"] != h):
             raise UserError(f"{path}: image is {w}x{h} but {json_path} says {im.get('width')}x{im.get('height')}")
