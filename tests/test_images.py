@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from torchvision.transforms.v2.functional import pil_to_tensor
 
-from visiontune.data.images import MAX_PIXELS, BadImage, load_rgb
+from visiontune.data import images
+from visiontune.data.images import MAX_PIXELS, BadImage, load_rgb, load_rgb_tensor
 
 
 def pixel(path, xy=(0, 0)) -> tuple[int, int, int]:
@@ -111,3 +114,52 @@ def test_bad_files_are_named(tmp_path):
             load_rgb(tmp_path / name)
         assert name in str(e.value) and reason in str(e.value) and "\n" not in str(e.value)
     assert 9000 * 9000 > MAX_PIXELS
+
+
+def test_tensors_hold_the_pixels_of_the_pil_image_and_plain_jpegs_skip_pil(tmp_path, monkeypatch):
+    """``load_rgb_tensor`` decodes a plain RGB JPEG with torchvision's libjpeg (same pixels); every other file, a
+    rotated or grayscale or CMYK JPEG, one decoded at reduced size, goes through PIL as ``load_rgb`` does."""
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(a).save(tmp_path / "plain.jpg", quality=90)
+    Image.fromarray(a).save(tmp_path / "rotated.jpg", exif=exif)
+    Image.fromarray(a[..., 0]).save(tmp_path / "gray.jpg")
+    Image.new("CMYK", (16, 16), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg")
+    Image.fromarray(a).save(tmp_path / "photo.png")
+    Image.fromarray(np.repeat(np.repeat(a, 4, 0), 4, 1)).save(tmp_path / "large.jpg")  # 192 x 256: reduced for 48
+    calls = []
+    monkeypatch.setattr(images, "decode_jpeg", lambda *a, **k: calls.append(1) or torchvision_decode(*a, **k))
+    for name, short_side, fast in [
+        ("plain.jpg", None, True),
+        ("plain.jpg", 48, True),
+        ("rotated.jpg", None, False),
+        ("gray.jpg", None, False),
+        ("cmyk.jpg", None, False),
+        ("photo.png", None, False),
+        ("large.jpg", 48, False),
+    ]:
+        calls.clear()
+        got = load_rgb_tensor(tmp_path / name, short_side)
+        assert got.dtype == torch.uint8 and torch.equal(got, pil_to_tensor(load_rgb(tmp_path / name, short_side))), name
+        assert bool(calls) == fast, name
+    assert load_rgb_tensor(tmp_path / "rotated.jpg").shape == (3, 64, 48)
+
+
+def torchvision_decode(*args, **kwargs):
+    from torchvision.io import decode_jpeg
+
+    return decode_jpeg(*args, **kwargs)
+
+
+def test_a_broken_jpeg_is_named_by_either_decoder(tmp_path):
+    Image.fromarray(np.full((64, 64, 3), 90, dtype=np.uint8)).save(tmp_path / "ok.jpg")
+    data = (tmp_path / "ok.jpg").read_bytes()
+    (tmp_path / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    (tmp_path / "header_only.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really")
+    for name in ("truncated.jpg", "header_only.jpg"):
+        for load in (load_rgb, load_rgb_tensor):
+            with pytest.raises(BadImage) as e:
+                load(tmp_path / name)
+            assert name in str(e.value) and "\n" not in str(e.value)

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from ..errors import UserError
 from .image_store import ImageStore, StoreWriter, build_lock, room_for, store_dir, store_key
-from .images import BadImage, load_rgb
+from .images import BadImage, load_rgb, load_rgb_tensor
 from .multilabel import multi_hot
 from .splits import Samples
 
@@ -24,7 +24,7 @@ log = logging.getLogger("visiontune")
 
 def load_downsized(path: str | Path, short_side: int) -> torch.Tensor:
     """One image as a uint8 CHW tensor with its shorter side ``short_side`` (antialiased; large JPEGs decoded smaller)."""
-    t = TF.pil_to_tensor(load_rgb(path, short_side))
+    t = load_rgb_tensor(path, short_side)
     return (TF.resize(t, short_side, antialias=True) if min(t.shape[-2:]) != short_side else t).contiguous()
 
 

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import tarfile
 import warnings
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms.v2.functional import pil_to_tensor
 
 from ..errors import UserError
 from .tar_members import SHARD_SUFFIX, file_stat, member_paths, open_image
@@ -16,6 +20,7 @@ from .tar_members import SHARD_SUFFIX, file_stat, member_paths, open_image
 # Images above this many pixels are refused (decompression bombs); 8k x 8k is plenty for fine-tuning.
 MAX_PIXELS = 64_000_000
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+EXIF_ORIENTATION = 0x0112
 
 
 class BadImage(UserError):
@@ -38,11 +43,25 @@ def load_rgb(path: str | Path, short_side: int | None = None, header_only: bool 
     rest: measured on photos of 3000 px, 5x faster, mean pixel difference 1.8 of 255; below 4x, the same pixels).
     ``header_only``: read the header alone (format, size): a quick check that returns None, no pixels decoded.
     """
-    p = Path(path)
+    return _read(Path(path), short_side, header_only, as_tensor=False)
+
+
+def load_rgb_tensor(path: str | Path, short_side: int | None = None) -> torch.Tensor:
+    """``load_rgb`` as a uint8 (3, H, W) tensor. An RGB JPEG that needs no rotation and no reduced decoding (most
+    photos) is decoded by torchvision's libjpeg-turbo straight into the tensor: the same pixels as PIL's (all 396 of
+    hymenoptera), 1.7 against 2.4 ms an image, and no copy out of a PIL image."""
+    return _read(Path(path), short_side, False, as_tensor=True)
+
+
+def _read(p: Path, short_side: int | None, header_only: bool, as_tensor: bool):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(open_image(p)) as im:
+            warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29's, for TorchCodec; pinned here
+            source = open_image(p)
+            if as_tensor:  # the bytes once, for PIL's header and libjpeg's decoding alike
+                source = source if isinstance(source, io.BytesIO) else io.BytesIO(Path(source).read_bytes())
+            with Image.open(source) as im:
                 w, h = im.size
                 if w * h > MAX_PIXELS:
                     raise BadImage(p, f"image is {w}x{h} pixels, more than the {MAX_PIXELS:,} allowed (decompression bomb?)")
@@ -50,9 +69,13 @@ def load_rgb(path: str | Path, short_side: int | None = None, header_only: bool 
                     return None
                 if short_side and im.format == "JPEG" and min(w, h) >= 4 * short_side:
                     im.draft(None, (w * 2 * short_side // min(w, h), h * 2 * short_side // min(w, h)))
+                elif as_tensor and im.format == "JPEG" and im.mode == "RGB" and im.getexif().get(EXIF_ORIENTATION, 1) == 1:
+                    pixels = _libjpeg(source.getbuffer())
+                    if pixels is not None:
+                        return pixels
                 im.load()
-                im = ImageOps.exif_transpose(im)
-                return to_rgb(im)
+                im = to_rgb(ImageOps.exif_transpose(im))
+                return pil_to_tensor(im) if as_tensor else im
     except BadImage:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -70,6 +93,14 @@ def load_rgb(path: str | Path, short_side: int | None = None, header_only: bool 
     except Exception as e:  # noqa: BLE001 - decoders raise OSError, SyntaxError, ValueError, EOFError, struct.error...
         reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
         raise BadImage(p, f"corrupt or truncated image ({reason})") from None
+
+
+def _libjpeg(data: memoryview) -> torch.Tensor | None:
+    """The JPEG's pixels from torchvision's decoder, or None where it fails (then PIL decodes it, or names the fault)."""
+    try:
+        return decode_jpeg(torch.frombuffer(data, dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except RuntimeError:
+        return None
 
 
 def to_rgb(im: Image.Image) -> Image.Image:

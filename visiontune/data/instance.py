@@ -22,11 +22,10 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.ops import masks_to_boxes
-from torchvision.transforms.v2 import functional as TF
 
 from ..errors import UserError
 from .copy_paste import paste_objects
-from .images import image_size, is_image_file, load_rgb
+from .images import image_size, is_image_file, load_rgb_tensor
 from .transforms import detection_eval, detection_train
 
 log = logging.getLogger("visiontune")
@@ -49,7 +48,7 @@ class Record:
         return self.hw if self.hw is not None else (int(self.image.shape[-2]), int(self.image.shape[-1]))
 
     def read_image(self) -> torch.Tensor:
-        return self.image if self.image is not None else TF.pil_to_tensor(load_rgb(self.path))
+        return self.image if self.image is not None else load_rgb_tensor(self.path)
 
     def read_masks(self) -> torch.Tensor | None:
         return self.masks.read() if isinstance(self.masks, MaskSource) else self.masks

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import torch
 from torchvision.io import write_png
-from torchvision.transforms.v2 import functional as TF
 
 from ..data.formats import load_instances
-from ..data.images import expand_inputs, load_rgb
+from ..data.images import expand_inputs, load_rgb_tensor
 from ..errors import UserError
 from ..metrics.coco import coco_results, evaluate_model, predict_records
 from ..visualize import draw_detections
@@ -76,7 +75,7 @@ def predict_run(
     classes, results = meta.classes, []
     start = time.perf_counter()
     for image_id, p in enumerate(paths, start=1):
-        image = TF.pil_to_tensor(load_rgb(p))
+        image = load_rgb_tensor(p)
         o = predict_records(model, [image], on)[0]
         for r in coco_results([o], [image_id], meta.category_ids, score_threshold):
             results.append({"file_name": str(p), "category": classes[meta.category_ids.index(r["category_id"])], **r})
