@@ -8,9 +8,11 @@ In one invocation, each runner in its own process, one after another:
   once as ``first_run``), the same with ``--engine onnxruntime``, ``torch`` and ``openvino-bf16`` (for their accuracy:
   under bf16, auto may choose the last), and the code at ``--baseline-ref`` (before engines existed).
   Wall seconds count from ``fit`` (after imports), as bench/classify.py does; feature-extraction images/s from metrics.json.
-- ``predict``: ``visiontune.predict`` images/s on val/ (after a warm-up call), this code and the baseline's.
+- ``predict``: ``visiontune.predict`` images/s on val/ (the median of five calls after a warm-up call), this code and
+  the baseline's, each predicting with a run of its own ``linear`` (trained here when ``--parts predict`` skips those).
 
     python bench/frozen.py [--data ../shared/datasets/hymenoptera_data] [--seeds 3] [--baseline-ref f296d6e]
+                           [--parts standalone,linear,predict]
 """
 
 from __future__ import annotations
@@ -77,10 +79,13 @@ def predict(run: str, images: str) -> dict:
 
     paths = expand_inputs([images])
     predict_images(run, paths[:1])  # warm-up (and, on this code, the run's graph written once)
-    start = time.perf_counter()
-    predict_images(run, paths)
-    seconds = time.perf_counter() - start
-    return {"images": len(paths), "seconds": round(seconds, 2), "images_per_second": round(len(paths) / seconds, 1)}
+    calls = []
+    for _ in range(5):  # the median of five calls: one call of ~1 s moves by 10% on these machines
+        start = time.perf_counter()
+        predict_images(run, paths)
+        calls.append(round(time.perf_counter() - start, 3))
+    seconds = statistics.median(calls)
+    return {"images": len(paths), "seconds": calls, "images_per_second": round(len(paths) / seconds, 1)}
 
 
 def child(args) -> None:
@@ -115,6 +120,7 @@ def main() -> None:
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "datasets" / "hymenoptera_data"))
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--baseline-ref", default="f296d6e", help="git commit of the code before engines (default: f296d6e)")
+    ap.add_argument("--parts", default="standalone,linear,predict", help="which measurements (default: all three)")
     for hidden in ("child", "cache", "out", "engine"):
         ap.add_argument(f"--{hidden}", default="", help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
@@ -127,41 +133,52 @@ def main() -> None:
     subprocess.run(["git", "worktree", "add", "--detach", "-q", str(baseline), args.baseline_ref], cwd=REPO, check=True)
     try:
         load_start = [round(x, 2) for x in os.getloadavg()]
-        report = {"benchmark": "frozen", "data": args.data, "baseline_ref": args.baseline_ref}
-        report["standalone"] = spawn(REPO, "standalone")
-        data = str(Path(args.data).resolve())
-        report["first_run"] = spawn(REPO, "linear", data=data, seed=0, cache=tmp / "c-auto", out=tmp / "first", engine="auto")
-        engines = ("auto", "onnxruntime", "torch", "openvino-bf16")
-        variants = tuple((e, REPO, e) for e in engines) + (("baseline", baseline, ""),)
-        runs = {name: [] for name, _, _ in variants}
-        for seed in range(args.seeds):  # interleaved, so drifting machine speed hits all alike
-            for name, code, engine in variants:
-                kw = dict(data=data, seed=seed, cache=tmp / f"c-{name}", out=tmp / f"run-{name}", engine=engine)
-                runs[name].append(spawn(code, "linear", **kw))
-        report["linear"] = {
-            n: {"wall_seconds": mean(r, "wall_seconds"), "best_val_accuracy": mean(r, "best_val_accuracy"), "runs": r}
-            for n, r in runs.items()
-        }
-        report["predict"] = {
-            "auto": spawn(REPO, "predict", data=data, out=tmp / "run-auto"),
-            "baseline": spawn(baseline, "predict", data=data, out=tmp / "run-baseline"),
-        }
-        chosen = report["linear"]["auto"]["runs"][0].get("feature_extraction", {}).get("engine")
-        alone = report["standalone"].get("images_per_second", {}).get(chosen)
-        inside = [r["feature_extraction"]["train"]["images_per_second"] for r in runs["auto"] if "train" in r.get("feature_extraction", {})]
-        report["ratios"] = {
-            "linear_auto/baseline wall": _ratio(report["linear"]["auto"]["wall_seconds"], report["linear"]["baseline"]["wall_seconds"]),
-            "linear_auto/torch wall": _ratio(report["linear"]["auto"]["wall_seconds"], report["linear"]["torch"]["wall_seconds"]),
-            f"extraction inside linear / standalone {chosen}": _ratio(statistics.mean(inside), alone) if inside else None,
-            "predict auto/baseline images/s": _ratio(
+        report = {"benchmark": "frozen", "data": args.data, "baseline_ref": args.baseline_ref, "parts": args.parts}
+        parts, data, ratios = set(args.parts.split(",")), str(Path(args.data).resolve()), {}
+        if "standalone" in parts:
+            report["standalone"] = spawn(REPO, "standalone")
+        if "linear" in parts:
+            report["first_run"] = spawn(REPO, "linear", data=data, seed=0, cache=tmp / "c-auto", out=tmp / "first", engine="auto")
+            ratios.update(linear_runs(report, data, args.seeds, tmp, baseline))
+        elif "predict" in parts:  # a run of each code to predict with
+            for name, code, engine in (("auto", REPO, "auto"), ("baseline", baseline, "")):
+                spawn(code, "linear", data=data, seed=0, cache=tmp / f"c-{name}", out=tmp / f"run-{name}", engine=engine)
+        if "predict" in parts:
+            report["predict"] = {
+                "auto": spawn(REPO, "predict", data=data, out=tmp / "run-auto"),
+                "baseline": spawn(baseline, "predict", data=data, out=tmp / "run-baseline"),
+            }
+            ratios["predict auto/baseline images/s"] = _ratio(
                 report["predict"]["auto"].get("images_per_second"), report["predict"]["baseline"].get("images_per_second")
-            ),
-        }
+            )
+        report["ratios"] = ratios
         report["load_average"] = {"start": load_start, "end": [round(x, 2) for x in os.getloadavg()]}
         print(json.dumps(report, indent=1))
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(baseline)], cwd=REPO)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def linear_runs(report: dict, data: str, seeds: int, tmp: Path, baseline: Path) -> dict:
+    """Each engine's and the baseline's ``linear`` per seed, into ``report``; their ratios."""
+    engines = ("auto", "onnxruntime", "torch", "openvino-bf16")
+    variants = tuple((e, REPO, e) for e in engines) + (("baseline", baseline, ""),)
+    runs = {name: [] for name, _, _ in variants}
+    for seed in range(seeds):  # interleaved, so drifting machine speed hits all alike
+        for name, code, engine in variants:
+            kw = dict(data=data, seed=seed, cache=tmp / f"c-{name}", out=tmp / f"run-{name}", engine=engine)
+            runs[name].append(spawn(code, "linear", **kw))
+    report["linear"] = {
+        n: {"wall_seconds": mean(r, "wall_seconds"), "best_val_accuracy": mean(r, "best_val_accuracy"), "runs": r} for n, r in runs.items()
+    }
+    chosen = report["linear"]["auto"]["runs"][0].get("feature_extraction", {}).get("engine")
+    alone = report.get("standalone", {}).get("images_per_second", {}).get(chosen)
+    inside = [r["feature_extraction"]["train"]["images_per_second"] for r in runs["auto"] if "train" in r.get("feature_extraction", {})]
+    return {
+        "linear_auto/baseline wall": _ratio(report["linear"]["auto"]["wall_seconds"], report["linear"]["baseline"]["wall_seconds"]),
+        "linear_auto/torch wall": _ratio(report["linear"]["auto"]["wall_seconds"], report["linear"]["torch"]["wall_seconds"]),
+        f"extraction inside linear / standalone {chosen}": _ratio(statistics.mean(inside), alone) if inside else None,
+    }
 
 
 def _ratio(a, b):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -9,19 +10,26 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..caches import default_cache_dir
+from ..checkpoint import weights_digest
 from ..config import TTA
 from ..data.classification import load_downsized, open_images
 from ..data.images import expand_inputs
 from ..data.multilabel import read_label_file
+from ..data.prefetch import decoding_workers, in_background
 from ..data.shards import is_listing, read_listing
 from ..data.splits import Samples, scan_folder
 from ..data.transforms import classification_eval
 from ..engine.frozen import TorchForward, frozen_forward
+from ..engine.runtime import select_device
 from ..errors import UserError
 from ..meta import ClassifierMeta
 from ..metrics.classification import classification_metrics
 from ..metrics.multilabel import multilabel_metrics
-from .load import OnnxClassifier, load_classifier, onnx_on_cpu
+from .load import OnnxClassifier, build_classifier, onnx_on_cpu, read_classifier
+
+# Images per engine call. Small: the first batch is ready soonest and ONNX Runtime computes as fast per image as at
+# 32 (hymenoptera val predict, 2 cores: 146 images/s at 8, 133 at 16, 127 at 32)
+BATCH = 8
 
 
 def eval_transform(meta: ClassifierMeta):
@@ -36,12 +44,14 @@ def classifier_forward(run_or_file: str | Path, device: str = "auto", engine: st
         onnx_on_cpu(device)
         model = OnnxClassifier(run_or_file)
         return model, model.meta
-    model, meta = load_classifier(run_or_file, device)
-    if next(model.parameters()).device.type != "cpu":
-        return TorchForward(model), meta
-    size, cache = meta.preprocessing.input_size, default_cache_dir()
-    # spin=False: the engine's threads sleep between batches while DataLoader workers decode the next on the same cores
-    return frozen_forward(f"{meta.model}-classifier", model, size, engine, cache_dir=cache, spin=False), meta
+    sd, meta = read_classifier(run_or_file)
+    if select_device(device).type != "cpu":
+        return TorchForward(build_classifier(sd, meta, device)), meta
+    size, cache, digest = meta.preprocessing.input_size, default_cache_dir(), weights_digest(sd)
+    # the model is built only where its graph is not in the cache yet (or the engine is PyTorch); spin=False: the
+    # engine's threads sleep between batches while a thread reads the next on the same cores
+    build = functools.partial(build_classifier, sd, meta)
+    return frozen_forward(f"{meta.model}-classifier", build, size, engine, cache_dir=cache, spin=False, digest=digest), meta
 
 
 def with_tta(forward, tta: str, multi_label: bool = False):
@@ -68,17 +78,17 @@ def with_tta(forward, tta: str, multi_label: bool = False):
     return lambda x: torch.stack([forward(v.contiguous()).float().softmax(1) for v in views(x)]).mean(0).log()
 
 
-def _logits(forward, loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
+def _logits(forward, batches) -> tuple[torch.Tensor, torch.Tensor]:
     logits, labels = [], []
-    for x, y in loader:
+    for x, y in batches:
         logits.append(forward(x))
         labels.append(torch.as_tensor(y))
     return torch.cat(logits), torch.cat(labels)
 
 
-def _workers(images: int, batch_size: int) -> int:
-    """One decoding worker per core, none for a single batch (starting a worker costs more than it saves there)."""
-    return 0 if images <= batch_size else len(os.sched_getaffinity(0))
+def _batches(dataset: Dataset, batch_size: int, engine):
+    """``dataset`` in batches, read ahead of ``engine`` (data/prefetch.py)."""
+    return in_background(DataLoader(dataset, batch_size=batch_size, num_workers=decoding_workers()), engine)
 
 
 def _labelled(data: Path, labels: str | None, meta: ClassifierMeta) -> Samples:
@@ -118,18 +128,18 @@ def evaluate(
     (its split=val rows where it has a split column, else every row). ``tta``: none, flip or flip+crops (``with_tta``).
     A multi-label model: mAP, F1 at its thresholds and per-class AP on the images of ``labels`` under ``data``."""
     forward, meta = classifier_forward(run_or_file, device, engine)
-    forward = with_tta(forward, tta, meta.multi_label)
+    engine, forward = forward, with_tta(forward, tta, meta.multi_label)
     samples = _labelled(Path(data), labels, meta)
     cores = len(os.sched_getaffinity(0))
     images, _ = open_images(samples, meta.preprocessing.resize_size, eval_transform(meta), "none", skip_bad, threads=cores, progress=False)
-    logits, labels_t = _logits(forward, DataLoader(images, batch_size=32, num_workers=_workers(len(images), 32)))
+    logits, labels_t = _logits(forward, _batches(images, BATCH, engine))
     if meta.multi_label:
         return {**multilabel_metrics(logits, labels_t, meta.classes, meta.thresholds), "tta": tta}
     return {**classification_metrics(logits, labels_t, meta.classes), "tta": tta}
 
 
 class _Files(Dataset):
-    """Image files -> (eval-transformed image, index), decoded at the model's resize size (in DataLoader workers)."""
+    """Image files -> (eval-transformed image, index), decoded at the model's resize size."""
 
     def __init__(self, paths: list[Path], meta: ClassifierMeta):
         self.paths, self.short_side, self.transform = paths, meta.preprocessing.resize_size, eval_transform(meta)
@@ -146,7 +156,7 @@ def predict(
     run_or_file: str | Path,
     inputs: list[str | Path],
     topk: int = 3,
-    batch_size: int = 32,
+    batch_size: int = BATCH,
     device: str = "auto",
     engine: str = "auto",
     tta: str = "none",
@@ -155,12 +165,11 @@ def predict(
     multi-label model adds "labels": every label at or above its threshold, most probable first.
     ``run_or_file``: a run directory, its model file, or an exported .onnx file (run by ONNX Runtime)."""
     forward, meta = classifier_forward(run_or_file, device, engine)
-    forward = with_tta(forward, tta, meta.multi_label)
+    engine, forward = forward, with_tta(forward, tta, meta.multi_label)
     paths = expand_inputs(inputs)
     k = min(topk, len(meta.classes))
-    loader = DataLoader(_Files(paths, meta), batch_size=batch_size, num_workers=_workers(len(paths), batch_size))
     results = []
-    for x, indices in loader:
+    for x, indices in _batches(_Files(paths, meta), batch_size, engine):
         logits = forward(x).float().cpu()
         probs = logits.sigmoid() if meta.multi_label else logits.softmax(1)
         top = probs.topk(k, dim=1)

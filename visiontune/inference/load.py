@@ -38,12 +38,23 @@ def _placed(model: torch.nn.Module, device: str) -> torch.nn.Module:
 
 def load_classifier(run_or_file: str | Path, device: str = "cpu") -> tuple[Classifier, ClassifierMeta]:
     """The classifier in eval mode on ``device`` (auto, cpu, cuda or mps)."""
+    sd, meta = read_classifier(run_or_file)
+    return build_classifier(sd, meta, device), meta
+
+
+def read_classifier(run_or_file: str | Path) -> tuple[dict[str, torch.Tensor], ClassifierMeta]:
+    """A classification model file's weights (checked against its checksum) and metadata."""
     sd, meta = read_model_file(run_or_file)
     if not isinstance(meta, ClassifierMeta):
         raise UserError(f"{run_or_file}: not a classification model (task: {meta.task})")
+    return sd, meta
+
+
+def build_classifier(sd: dict[str, torch.Tensor], meta: ClassifierMeta, device: str = "cpu") -> Classifier:
+    """The classifier of ``meta`` holding the weights ``sd``, in eval mode on ``device``."""
     model = Classifier(build_backbone(meta.model, weights="none"), len(meta.classes), head=meta.head, bank_size=meta.bank_size)
     model.load_state_dict(sd)
-    return _placed(model, device), meta
+    return _placed(model, device)
 
 
 def load_detector(run_or_file: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, DetectorMeta]:
@@ -100,6 +111,8 @@ def open_onnx(path: str | Path):
 
 class OnnxClassifier:
     """An exported classifier behind the PyTorch model's interface: a (N, 3, S, S) float batch -> logits."""
+
+    own_threads = True  # ONNX Runtime's, not torch's
 
     def __init__(self, path: str | Path):
         self.session, self.meta, _ = open_onnx(path)
