@@ -126,3 +126,20 @@ def test_linear_runs_learn_the_same_head_on_either_engine(tmp_path):
     assert a["best_val_accuracy"] == b["best_val_accuracy"] >= 0.9
     assert a["feature_extraction"]["engine"] == "torch fp32" and b["feature_extraction"]["engine"] == "onnxruntime fp32"
     assert b["feature_extraction"]["train"]["images"] == 8 * 2 and b["feature_extraction"]["val"]["images_per_second"] > 0
+
+
+def test_eval_and_predict_keep_the_graph_in_their_cache_dir(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("VISIONTUNE_CACHE", str(tmp_path / "default"))
+    data = make_class_folders(tmp_path / "data", per_class=4)
+    run, mine = tmp_path / "run", tmp_path / "mine"
+    assert main(["classify", "train", "--data", str(data), "--out", str(run), "--image-size", "64", "--quiet", "--cache-dir", "none"]) == 0
+    assert main(["classify", "predict", str(run), str(data / "val"), "--cache-dir", str(mine)]) == 0
+    predicted = capsys.readouterr().out
+    assert list((mine / "graphs").glob("*classifier*.onnx")) and (mine / "engines.json").is_file()
+    assert main(["classify", "eval", str(run), "--data", str(data), "--cache-dir", str(mine)]) == 0
+    assert main(["classify", "predict", str(run), str(data / "val"), "--cache-dir", "none", "--engine", "onnxruntime"]) == 0
+    again = [json.loads(line) for line in capsys.readouterr().out.splitlines()[-8:]]
+    for a, b in zip(again, map(json.loads, predicted.splitlines()), strict=True):  # a temporary graph, the same answers
+        assert a["path"] == b["path"] and [p["label"] for p in a["predictions"]] == [p["label"] for p in b["predictions"]]
+        assert all(abs(p["probability"] - q["probability"]) <= 1e-4 for p, q in zip(a["predictions"], b["predictions"]))
+    assert not (tmp_path / "default").exists()  # neither run wrote into the default folder

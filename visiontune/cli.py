@@ -103,17 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", required=True, help="class folders (or a DIR with val/)")
     e.add_argument("--labels", default=None, metavar="FILE", help="a multi-label model: the label file of the images in --data")
     e.add_argument("--skip-bad", action="store_true", help="skip unreadable images instead of stopping")
-    _add_device_arg(e)
-    _add_engine_arg(e)
-    _add_tta_arg(e)
+    _add_inference_args(e)
     e.set_defaults(func=_classify_eval)
     pr = csub.add_parser("predict", help="top-k labels for images, one JSON line each")
     pr.add_argument("run", help="run directory, model.safetensors, or an exported .onnx file")
     pr.add_argument("inputs", nargs="+", help="image files or folders")
     pr.add_argument("--topk", type=int, default=3, help="labels per image (default: 3)")
-    _add_device_arg(pr)
-    _add_engine_arg(pr)
-    _add_tta_arg(pr)
+    _add_inference_args(pr)
     pr.set_defaults(func=_classify_predict)
     cmp_ = csub.add_parser("compare", help="train every strategy under the same budget; table and plot")
     _add_config_args(cmp_, ClassifyConfig, skip={"strategy"})
@@ -127,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     au.add_argument("--top", type=int, default=20, help="label suspects and duplicate pairs shown (default: 20)")
     au.add_argument("--folds", type=int, default=5, help="cross-validation folds of the label check (default: 5)")
     au.add_argument("--duplicate-threshold", type=float, default=None, help="near duplicates: cosine from this (default: 0.82)")
-    au.add_argument("--cache-dir", default=None, help="feature cache folder, or none (default: as classify train)")
+    _add_cache_arg(au)
     au.add_argument("--seed", type=int, default=0, help="seed of the folds (default: 0)")
     au.add_argument("--skip-bad", action="store_true", help="skip unreadable images instead of stopping")
     _add_engine_arg(au)
@@ -206,6 +202,20 @@ def _add_engine_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_inference_args(parser: argparse.ArgumentParser) -> None:
+    """classify eval's and predict's --device, --engine, --cache-dir and --tta."""
+    for add in (_add_device_arg, _add_engine_arg, _add_cache_arg, _add_tta_arg):
+        add(parser)
+
+
+def _add_cache_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--cache-dir",
+        default=None,
+        help="cache folder (features, engine graphs and timings, shard listings), or none (default: as classify train)",
+    )
+
+
 def _add_tta_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tta", default="none", choices=TTA, help="flip: mean of the image and its mirror; flip+crops: also 4 corner crops"
@@ -215,7 +225,10 @@ def _add_tta_arg(parser: argparse.ArgumentParser) -> None:
 def _classify_eval(args):
     from .inference.classify import evaluate
 
-    m = evaluate(args.run, args.data, skip_bad=args.skip_bad, device=args.device, engine=args.engine, tta=args.tta, labels=args.labels)
+    settings = dict(
+        skip_bad=args.skip_bad, device=args.device, engine=args.engine, tta=args.tta, labels=args.labels, cache_dir=args.cache_dir
+    )
+    m = evaluate(args.run, args.data, **settings)
     if "mAP" in m:
         print(f"mAP {m['mAP']:.4f}  F1 micro {m['f1_micro']:.4f}  macro {m['f1_macro']:.4f}", file=sys.stderr)
     else:
@@ -230,7 +243,8 @@ def _classify_predict(args):
         raise UserError("--topk: must be at least 1")
     from .inference.classify import predict
 
-    for r in predict(args.run, args.inputs, topk=args.topk, device=args.device, engine=args.engine, tta=args.tta):
+    settings = dict(topk=args.topk, device=args.device, engine=args.engine, tta=args.tta, cache_dir=args.cache_dir)
+    for r in predict(args.run, args.inputs, **settings):
         print(json.dumps(r))
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..caches import default_cache_dir
+from ..caches import cache_folder
 from ..checkpoint import weights_digest
 from ..config import TTA
 from ..data.classification import load_downsized, open_images
@@ -18,6 +18,7 @@ from ..data.multilabel import read_label_file
 from ..data.prefetch import decoding_workers, in_background
 from ..data.shards import is_listing, read_listing
 from ..data.splits import Samples, scan_folder
+from ..data.tar_members import listings_in
 from ..data.transforms import classification_eval
 from ..engine.frozen import TorchForward, frozen_forward
 from ..engine.runtime import select_device
@@ -37,9 +38,10 @@ def eval_transform(meta: ClassifierMeta):
     return classification_eval(p.input_size, p.resize_size, p.mean, p.std)
 
 
-def classifier_forward(run_or_file: str | Path, device: str = "auto", engine: str = "auto"):
+def classifier_forward(run_or_file: str | Path, device: str = "auto", engine: str = "auto", cache_dir: str | Path | None = None):
     """(batch -> logits, the model's metadata): an exported .onnx file on ONNX Runtime, or a run's model on ``device``;
-    on the CPU through the engine measured faster for it (engine/frozen.py; its graph kept in the feature cache)."""
+    on the CPU through the engine measured faster for it (engine/frozen.py; its graph and timing kept in ``cache_dir``
+    as ``cache_folder`` reads it)."""
     if str(run_or_file).endswith(".onnx"):
         onnx_on_cpu(device)
         model = OnnxClassifier(run_or_file)
@@ -47,7 +49,7 @@ def classifier_forward(run_or_file: str | Path, device: str = "auto", engine: st
     sd, meta = read_classifier(run_or_file)
     if select_device(device).type != "cpu":
         return TorchForward(build_classifier(sd, meta, device)), meta
-    size, cache, digest = meta.preprocessing.input_size, default_cache_dir(), weights_digest(sd)
+    size, cache, digest = meta.preprocessing.input_size, cache_folder(cache_dir), weights_digest(sd)
     # the model is built only where its graph is not in the cache yet (or the engine is PyTorch); spin=False: the
     # engine's threads sleep between batches while a thread reads the next on the same cores
     build = functools.partial(build_classifier, sd, meta)
@@ -123,13 +125,16 @@ def evaluate(
     engine: str = "auto",
     tta: str = "none",
     labels: str | None = None,
+    cache_dir: str | Path | None = None,
 ) -> dict:
     """Accuracy, per-class precision/recall/F1 and confusion matrix on ``data``: class folders, DIR/val/, or an index
     (its split=val rows where it has a split column, else every row). ``tta``: none, flip or flip+crops (``with_tta``).
-    A multi-label model: mAP, F1 at its thresholds and per-class AP on the images of ``labels`` under ``data``."""
-    forward, meta = classifier_forward(run_or_file, device, engine)
+    A multi-label model: mAP, F1 at its thresholds and per-class AP on the images of ``labels`` under ``data``.
+    ``cache_dir``: as for ``classifier_forward``; shard listings are read from and saved there too."""
+    forward, meta = classifier_forward(run_or_file, device, engine, cache_dir)
     engine, forward = forward, with_tta(forward, tta, meta.multi_label)
-    samples = _labelled(Path(data), labels, meta)
+    with listings_in(cache_folder(cache_dir)):
+        samples = _labelled(Path(data), labels, meta)
     cores = len(os.sched_getaffinity(0))
     images, _ = open_images(samples, meta.preprocessing.resize_size, eval_transform(meta), "none", skip_bad, threads=cores, progress=False)
     logits, labels_t = _logits(forward, _batches(images, BATCH, engine))
@@ -160,13 +165,16 @@ def predict(
     device: str = "auto",
     engine: str = "auto",
     tta: str = "none",
+    cache_dir: str | Path | None = None,
 ) -> list[dict]:
     """Top-k labels with probabilities for each image: [{"path", "predictions": [{"label", "probability"}]}]; a
     multi-label model adds "labels": every label at or above its threshold, most probable first.
-    ``run_or_file``: a run directory, its model file, or an exported .onnx file (run by ONNX Runtime)."""
-    forward, meta = classifier_forward(run_or_file, device, engine)
+    ``run_or_file``: a run directory, its model file, or an exported .onnx file (run by ONNX Runtime). ``cache_dir``: as
+    for ``evaluate``."""
+    forward, meta = classifier_forward(run_or_file, device, engine, cache_dir)
     engine, forward = forward, with_tta(forward, tta, meta.multi_label)
-    paths = expand_inputs(inputs)
+    with listings_in(cache_folder(cache_dir)):
+        paths = expand_inputs(inputs)
     k = min(topk, len(meta.classes))
     results = []
     for x, indices in _batches(_Files(paths, meta), batch_size, engine):
