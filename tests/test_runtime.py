@@ -3,6 +3,7 @@ heap memory handed back between phases."""
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import platform
@@ -14,7 +15,8 @@ import torch
 from conftest import make_class_folders
 
 from visiontune.cli import main
-from visiontune.engine.runtime import faster_in_bf16, release_free_memory
+from visiontune.engine.heap import keep_freed_memory, release_free_memory
+from visiontune.engine.runtime import faster_in_bf16
 from visiontune.errors import UserError
 
 
@@ -105,3 +107,27 @@ def test_freed_heap_memory_goes_back_to_the_system():
     release_free_memory()
     assert after_free - rss_mb() > 200, (before, after_free, rss_mb())
     del keep
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")
+    ]
+
+
+def test_large_blocks_come_from_the_heap_and_stay_there():
+    """After keep_freed_memory, a 64 MB tensor is carved from malloc's heap (not a fresh mapping), and once freed its
+    pages wait there for the next one."""
+    try:
+        mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        pytest.skip("not glibc 2.33+")
+    mallinfo2.restype = _MallInfo2
+    keep_freed_memory()
+    mapped = mallinfo2().hblkhd
+    x = torch.ones(16 << 20)  # 64 MB: by default a mapping of its own (hblkhd grows by 64 MB), unmapped when freed
+    assert mallinfo2().hblkhd == mapped
+    heap = mallinfo2().arena
+    del x
+    assert mallinfo2().arena >= heap  # not trimmed away

@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 
 from .config import ENGINES, TTA, ClassifyConfig, DetectConfig, checked_types, from_dict, load_yaml
+from .engine.heap import keep_freed_memory
 from .errors import UserError
 
 
@@ -310,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     if not verbose:  # library warnings are for developers; a user's problem is one line (--verbose shows them)
         warnings.simplefilter("ignore")
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="visiontune: %(levelname)s: %(message)s")
+    keep_freed_memory()  # every command's large tensors reused, not mapped anew
     try:
         args = build_parser().parse_args(argv)
         args.func(args)

@@ -27,8 +27,9 @@ from ..faults import fault_point
 from ..runs import append_jsonl, check_out_dir, open_run_dir, resume_config, write_jsonl
 from . import distributed
 from .ema import WeightAverage
+from .heap import keep_freed_memory, release_free_memory
 from .resume import RunState, StepCheckpoints, restore, save_last, stop_on_interrupt
-from .runtime import Diverged, release_free_memory, seed_everything, select_device, tensorboard_writer, use_bf16
+from .runtime import Diverged, seed_everything, select_device, tensorboard_writer, use_bf16
 
 # record(epoch, fields, score, model_metrics, line): log one epoch; keep the model when ``score`` is the best so far
 Record = Callable[[int, dict, float, dict, str], None]
@@ -213,6 +214,7 @@ def start(task: Task, resume: bool, given: dict | None):
     cfg = task.cfg = task.resolve(cfg)
     device = distributed.init(select_device(cfg.device))
     bf16 = use_bf16(cfg.precision, device)
+    keep_freed_memory()
     distributed.per_process_batch(cfg.batch_size)
     progress = not cfg.quiet and distributed.is_main()
     seed_everything(cfg.seed)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import json
 import platform
 import random
@@ -108,15 +107,3 @@ def tensorboard_writer(out: Path | None):
     from torch.utils.tensorboard import SummaryWriter
 
     return SummaryWriter(str(out / "tensorboard")) if out is not None else None
-
-
-def release_free_memory() -> None:
-    """Hand the C heap's free pages back to the system (glibc's malloc_trim), between phases that allocate differently.
-
-    A training epoch leaves ~1 GB of freed activations in glibc's arenas; without this, validation's larger batches
-    come on top of them (one full epoch over 300 images: peak RSS 3.1-3.3 GB without, 2.7-2.8 GB with it).
-    Elsewhere (not glibc), nothing."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
