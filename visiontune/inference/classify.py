@@ -88,9 +88,9 @@ def _logits(forward, batches) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(logits), torch.cat(labels)
 
 
-def _batches(dataset: Dataset, batch_size: int, engine):
-    """``dataset`` in batches, read ahead of ``engine`` (data/prefetch.py)."""
-    return in_background(DataLoader(dataset, batch_size=batch_size, num_workers=decoding_workers()), engine)
+def _batches(dataset: Dataset, batch_size: int, frozen):
+    """``dataset`` in batches, read ahead of the engine ``frozen`` (data/prefetch.py)."""
+    return in_background(DataLoader(dataset, batch_size=batch_size, num_workers=decoding_workers()), frozen)
 
 
 def _labelled(data: Path, labels: str | None, meta: ClassifierMeta) -> Samples:
@@ -132,12 +132,12 @@ def evaluate(
     A multi-label model: mAP, F1 at its thresholds and per-class AP on the images of ``labels`` under ``data``.
     ``cache_dir``: as for ``classifier_forward``; shard listings are read from and saved there too."""
     forward, meta = classifier_forward(run_or_file, device, engine, cache_dir)
-    engine, forward = forward, with_tta(forward, tta, meta.multi_label)
+    frozen, forward = forward, with_tta(forward, tta, meta.multi_label)  # frozen: the engine itself
     with listings_in(cache_folder(cache_dir)):
         samples = _labelled(Path(data), labels, meta)
     cores = len(os.sched_getaffinity(0))
     images, _ = open_images(samples, meta.preprocessing.resize_size, eval_transform(meta), "none", skip_bad, threads=cores, progress=False)
-    logits, labels_t = _logits(forward, _batches(images, BATCH, engine))
+    logits, labels_t = _logits(forward, _batches(images, BATCH, frozen))
     if meta.multi_label:
         return {**multilabel_metrics(logits, labels_t, meta.classes, meta.thresholds), "tta": tta}
     return {**classification_metrics(logits, labels_t, meta.classes), "tta": tta}
@@ -172,12 +172,12 @@ def predict(
     ``run_or_file``: a run directory, its model file, or an exported .onnx file (run by ONNX Runtime). ``cache_dir``: as
     for ``evaluate``."""
     forward, meta = classifier_forward(run_or_file, device, engine, cache_dir)
-    engine, forward = forward, with_tta(forward, tta, meta.multi_label)
+    frozen, forward = forward, with_tta(forward, tta, meta.multi_label)  # frozen: the engine itself
     with listings_in(cache_folder(cache_dir)):
         paths = expand_inputs(inputs)
     k = min(topk, len(meta.classes))
     results = []
-    for x, indices in _batches(_Files(paths, meta), batch_size, engine):
+    for x, indices in _batches(_Files(paths, meta), batch_size, frozen):
         logits = forward(x).float().cpu()
         probs = logits.sigmoid() if meta.multi_label else logits.softmax(1)
         top = probs.topk(k, dim=1)
