@@ -26,7 +26,8 @@ def lite0():
 
 @pytest.mark.parametrize("engine,tolerance", [("onnxruntime", 1e-4), ("openvino", 1e-4), ("openvino-bf16", 0.05)])
 def test_graph_engines_compute_pytorch_fp32s_features(lite0, tmp_path, engine, tolerance):
-    """fp32 engines within 1e-4 of the largest feature; bf16 within 5% (measured: 2%)."""
+    """fp32 engines within 1e-4 of the largest feature; bf16 within 5% (measured: 2%), which is why auto picks it only
+    for runs that compute in bf16."""
     x = torch.randn(4, 3, 96, 96, generator=torch.Generator().manual_seed(0))
     expected = TorchForward(lite0)(x)
     got = GraphForward("efficientnet_lite0", lite0, 96, tmp_path, engine)(x)
@@ -49,12 +50,19 @@ def test_auto_times_both_engines_once_and_remembers(lite0, tmp_path, monkeypatch
     assert frozen_forward("efficientnet_lite0", lite0, 64, "auto", cache_dir=tmp_path, batch_size=4).name == first.name
 
 
-def test_auto_never_times_openvino_bf16(lite0, tmp_path, monkeypatch):
-    """Not even for a bf16 run (where PyTorch's candidate is bf16 autocast): see engine/frozen.py's docstring."""
-    monkeypatch.setattr(frozen, "_time", lambda forward, x: 1.0)
-    frozen_forward("efficientnet_lite0", lite0, 64, "auto", bf16=True, cache_dir=tmp_path, batch_size=4)
+@pytest.mark.parametrize("bf16", [False, True])
+def test_auto_times_bf16_engines_only_for_bf16_runs(lite0, tmp_path, monkeypatch, bf16):
+    fake_seconds = {"openvino bf16": 0.1, "onnxruntime fp32": 0.5}
+    monkeypatch.setattr(frozen, "_time", lambda forward, x: fake_seconds.get(forward.name, 1.0))
+    chosen = frozen_forward("efficientnet_lite0", lite0, 64, "auto", bf16=bf16, cache_dir=tmp_path, batch_size=4)
     (record,) = json.loads((tmp_path / "engines.json").read_text()).values()
-    assert set(record["seconds"]) == {"torch bf16", "onnxruntime fp32", "openvino fp32"}
+    expected = (
+        {"torch bf16", "onnxruntime fp32", "openvino fp32", "openvino bf16"}
+        if bf16
+        else {"torch fp32", "onnxruntime fp32", "openvino fp32"}
+    )
+    assert set(record["seconds"]) == expected
+    assert chosen.name == ("openvino bf16" if bf16 else "onnxruntime fp32")
 
 
 def test_the_graph_is_written_once_and_rewritten_when_damaged(lite0, tmp_path, monkeypatch, caplog):

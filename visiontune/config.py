@@ -117,8 +117,8 @@ class ClassifyConfig:
     engine: str = setting(
         "auto",
         "what runs the frozen base's forward pass (features for linear, staged's head phase, compare): torch, "
-        "onnxruntime, openvino, openvino-bf16 (CPU; features change slightly), or auto: the fastest fp32 engine "
-        "(or torch in --precision) measured on this machine for this model (timed once, remembered)",
+        "onnxruntime, openvino, openvino-bf16 (CPU; features change slightly), or auto: the fastest engine in "
+        "--precision (bf16 ones only where it gives bf16) measured on this machine for this model (timed once, remembered)",
     )
     skip_bad: bool = setting(False, "skip unreadable images (counted in metrics.json) instead of stopping")
     cache_dir: str | None = setting(

@@ -3,12 +3,12 @@
 A frozen base computes the same function every time, so it can leave PyTorch eager. The embedded EfficientNet-Lite0
 (batch 32, 224 px, 2-core AMD EPYC with native bf16), images/s: PyTorch fp32 44, PyTorch bf16 autocast 158, ONNX
 Runtime fp32 157, OpenVINO f32 274 (bf16 385, features off by up to 0.12 on a scale of 5.7); on a 2-core AVX-512/AMX
-Xeon ONNX Runtime was 2.5x PyTorch bf16. No engine wins everywhere, so ``engine="auto"`` times the fp32 graph engines
-and PyTorch (in the run's precision) on a batch once per machine and model, and remembers the fastest
+Xeon ONNX Runtime was 2.5x PyTorch bf16. No engine wins everywhere, so ``engine="auto"`` times the engines at the
+run's precision (fp32 graph engines always; PyTorch in that precision; OpenVINO bf16 only where the run computes in
+bf16, as PyTorch's autocast would) on a batch once per machine and model, and remembers the fastest
 (``<cache>/engines.json``). Graph engines run the module's ONNX graph, written once beside the feature cache
 (``<cache>/graphs/``, named by a hash of the weights); a module that cannot be exported runs in PyTorch, with one
-log line saying why. GPUs keep PyTorch. OpenVINO in bf16 is never chosen by "auto": with it among the candidates of
-bf16 runs, the test suite's process died of a segmentation fault (heap corruption, after ~150 tests; not diagnosed).
+log line saying why. GPUs keep PyTorch.
 """
 
 from __future__ import annotations
@@ -145,12 +145,10 @@ def open_graph(path: Path, runtime: str, precision: str = "fp32", spin: bool = T
     OpenVINO computes in ``precision`` where the file has floating-point ops (it would pick bf16 on its own)."""
     threads = torch.get_num_threads()
     if runtime == "openvino":
-        import openvino as ov
-
         hint = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32", "INFERENCE_NUM_THREADS": threads}
         if cache_dir is not None:  # OpenVINO keeps the compiled model: a later process opens it ~4x faster
             hint["CACHE_DIR"] = str(cache_dir / "graphs" / "openvino")
-        request = ov.Core().compile_model(str(path), "CPU", hint).create_infer_request()
+        request = openvino_core().compile_model(str(path), "CPU", hint).create_infer_request()
         return lambda x: request.infer({0: x})[0]
     import onnxruntime as ort
 
@@ -160,6 +158,16 @@ def open_graph(path: Path, runtime: str, precision: str = "fp32", spin: bool = T
     session = ort.InferenceSession(Path(path).read_bytes(), options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     return lambda x: session.run(None, {name: x})[0]
+
+
+@functools.cache
+def openvino_core():
+    """One OpenVINO Core for the process, as OpenVINO asks. A Core per graph, dropped after compiling, corrupted the
+    heap: a bf16 model used and then destroyed after its Core had gone, and a later test of the suite crashed in
+    Python's own objects (reproduced with three tests in one process, every time; never with the Core kept)."""
+    import openvino as ov
+
+    return ov.Core()
 
 
 def tensor_call(run, x: torch.Tensor) -> torch.Tensor:
@@ -205,7 +213,7 @@ def frozen_forward(
     """A callable batch -> float32 features on the CPU for the frozen ``module`` (images of ``size`` px).
 
     ``engine``: "torch" (bf16 autocast if ``bf16``), "onnxruntime", "openvino", "openvino-bf16" (CPU), or "auto": the
-    fastest of torch, onnxruntime and openvino (fp32; where installed) on this machine, timed once and remembered in
+    fastest of torch, onnxruntime and openvino (fp32; with ``bf16`` also openvino-bf16; where installed) on this machine, timed once and remembered in
     ``cache_dir`` (``None``: not remembered). Its ``name`` says which engine runs. ``module`` may be a function that
     builds it on the CPU, with ``digest``, as ``GraphForward`` takes them: built only if the chosen engine needs it."""
     if engine not in ENGINES:
@@ -222,7 +230,8 @@ def frozen_forward(
             )
         return GraphForward(name, module, size, cache_dir, engine, spin, digest)
     module = module if isinstance(module, nn.Module) else functools.cache(module)  # one build for every candidate
-    graphs = {" ".join(GRAPH_ENGINES[e]): e for e in ("onnxruntime", "openvino") if importlib.util.find_spec(GRAPH_ENGINES[e][0])}
+    usable = ("onnxruntime", "openvino", "openvino-bf16") if bf16 else ("onnxruntime", "openvino")
+    graphs = {" ".join(GRAPH_ENGINES[e]): e for e in usable if importlib.util.find_spec(GRAPH_ENGINES[e][0])}
     names = [torch_engine_name(bf16), *graphs]
 
     def make(engine_name: str):
