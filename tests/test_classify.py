@@ -58,6 +58,26 @@ def test_linear_run_writes_everything_and_learns(tiny_folders, tmp_path, capsys)
     assert ev["per_class"]["red"]["support"] == 6 and sum(map(sum, ev["confusion_matrix"])) == 12
 
 
+def test_large_sets_keep_one_view_unless_told(tiny_folders, tmp_path, monkeypatch):
+    """The default recipe's 2 views per training image below strategies.ONE_VIEW_FROM images, 1 from there on (lowered
+    here to the tiny set's size); --views wins either way; config.yaml records what ran."""
+    import yaml
+
+    from visiontune import strategies
+
+    def run(name, *extra):
+        assert _train(tiny_folders, tmp_path / name, "--epochs", "1", *extra) == 0
+        views = yaml.safe_load((tmp_path / name / "config.yaml").read_text())["views"]
+        images = json.loads((tmp_path / name / "metrics.json").read_text())["feature_extraction"]["train"]["images"]
+        return views, images
+
+    train_images = len(scan_folder(tiny_folders / "train").items)
+    assert run("small") == (2, 2 * train_images)
+    monkeypatch.setattr(strategies, "ONE_VIEW_FROM", train_images)
+    assert run("large") == (1, train_images)
+    assert run("told", "--views", "3") == (3, 3 * train_images)
+
+
 @pytest.mark.parametrize("strategy", ["full", "partial", "staged"])
 def test_gradient_strategies_run_and_record_trainable_params(tiny_folders, tmp_path, strategy):
     out = tmp_path / strategy

@@ -98,7 +98,9 @@ class ClassifyConfig:
         "every class equally likely (imbalanced classes)",
     )
     image_size: int | None = setting(None, "training crop size in pixels (default: the backbone's, e.g. 224)")
-    views: int | None = setting(None, "augmented views per training image in the feature cache (default: the recipe's)")
+    views: int | None = setting(
+        None, "augmented views per training image in the feature cache (default: the recipe's; 1 from 5,000 training images)"
+    )
     workers: int | None = setting(
         None,
         "DataLoader worker processes that read and augment images (default: one per core when images are read from disk, "

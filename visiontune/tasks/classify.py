@@ -37,7 +37,7 @@ from ..models.backbones import build_backbone
 from ..models.classifier import Classifier
 from ..models.prefix import split_frozen_prefix
 from ..runs import write_json
-from ..strategies import AUTO, STRATEGIES, WHOLE_BACKBONE, Recipe, recipe_for
+from ..strategies import AUTO, STRATEGIES, WHOLE_BACKBONE, Recipe, recipe_for, views_for
 from .cached_head import SKLEARN_HEADS, train_head_on_features
 from .objective import check_multi_label_settings, objective_for
 from .schedule import epoch_loader, make_scheduler
@@ -59,7 +59,6 @@ def resolve_settings(cfg: ClassifyConfig) -> tuple[ClassifyConfig, Recipe]:
         batch_size=cfg.batch_size or recipe.batch_size,
         lr=cfg.lr or recipe.lr,
         weight_decay=recipe.weight_decay if cfg.weight_decay is None else cfg.weight_decay,
-        views=cfg.views or recipe.views,
         wise_alpha=recipe.wise_alpha if cfg.wise_alpha is None else cfg.wise_alpha,
     )
     if cfg.head in SKLEARN_HEADS and not STRATEGIES[cfg.strategy].frozen_base:
@@ -95,6 +94,7 @@ class ClassifyTask:
         cfg, recipe = self.cfg, self.recipe
         self.device, self.bf16, self.progress = device, bf16, progress
         self.train_s, self.val_s = find_splits(cfg.data, cfg.val_data, cfg.val_split, cfg.seed, cfg.labels, cfg.cache_dir)
+        cfg.views = cfg.views or views_for(recipe, len(self.train_s))  # in config.yaml, which is written after setup
         backbone = build_backbone(cfg.model, cfg.weights)
         prep = backbone.preprocessing
         size = cfg.image_size or prep.input_size
