@@ -98,9 +98,7 @@ class ClassifyConfig:
         "every class equally likely (imbalanced classes)",
     )
     image_size: int | None = setting(None, "training crop size in pixels (default: the backbone's, e.g. 224)")
-    views: int | None = setting(
-        None, "augmented views per training image in the feature cache (default: the recipe's; 1 from 5,000 training images)"
-    )
+    views: int | None = setting(None, "augmented views per image in the feature cache (default: the recipe's; 1 from 5,000 images)")
     workers: int | None = setting(
         None,
         "DataLoader worker processes that read and augment images (default: one per core when images are read from disk, "
@@ -216,12 +214,8 @@ class DetectConfig:
         "multi-scale training: each batch resized to --min-size (and --max-size) times one of seven factors in "
         "[1 - J, 1 + J]; evaluation stays at --min-size (0: off; default: the recipe's)",
     )
-    copy_paste: float | None = setting(
-        None, "probability that objects cut from another training image are pasted onto a training image (needs masks)"
-    )
-    ema: float | None = setting(
-        None, "average the weights, decay per step (e.g. 0.995): validated and kept (0: off; default: the recipe's)"
-    )
+    copy_paste: float | None = setting(None, "chance to paste objects cut from another training image (needs masks; default: the recipe's)")
+    ema: float | None = setting(None, "a weight average (decay per step, e.g. 0.995) is validated and kept (0: off; default: the recipe's)")
     clip_grad: float = setting(5.0, "clip the gradient norm to this (0: off); heads that start from scratch need it")
     precision: str = setting(
         "auto",

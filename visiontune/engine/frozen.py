@@ -213,9 +213,10 @@ def frozen_forward(
     """A callable batch -> float32 features on the CPU for the frozen ``module`` (images of ``size`` px).
 
     ``engine``: "torch" (bf16 autocast if ``bf16``), "onnxruntime", "openvino", "openvino-bf16" (CPU), or "auto": the
-    fastest of torch, onnxruntime and openvino (fp32; with ``bf16`` also openvino-bf16; where installed) on this machine, timed once and remembered in
-    ``cache_dir`` (``None``: not remembered). Its ``name`` says which engine runs. ``module`` may be a function that
-    builds it on the CPU, with ``digest``, as ``GraphForward`` takes them: built only if the chosen engine needs it."""
+    fastest of torch, onnxruntime and openvino (fp32; with ``bf16`` also openvino-bf16; where installed) on this
+    machine, timed once and remembered in ``cache_dir`` (``None``: not remembered). Its ``name`` says which engine
+    runs. ``module`` may be a function that builds it on the CPU, with ``digest``, as ``GraphForward`` takes them:
+    built only if the chosen engine needs it."""
     if engine not in ENGINES:
         raise UserError(f"--engine: unknown engine {engine!r}; choose {', '.join(ENGINES)}")
     on_cpu = not isinstance(module, nn.Module) or next(module.parameters()).device.type == "cpu"
