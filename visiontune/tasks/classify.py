@@ -51,7 +51,8 @@ def fit(cfg: ClassifyConfig, resume: bool = False, given: dict | None = None) ->
 
 
 def resolve_settings(cfg: ClassifyConfig) -> tuple[ClassifyConfig, Recipe]:
-    """Fill every unset value from the recipe; explicit settings win."""
+    """Fill every unset value from the recipe; explicit settings win. (``views`` waits for setup: it depends on the
+    number of training images.)"""
     recipe = recipe_for(cfg.recipe, cfg.strategy)
     cfg = replace(
         cfg,
