@@ -156,7 +156,7 @@ def budget_comparison(args, data: Path, work: Path) -> dict:
     tutorial's schedule may run as many epochs as fit), per seed; per-epoch and final AP, and the mean over seeds."""
     out = {"benchmark": "detect_budget", "budget_minutes": args.budget, "seeds": args.seeds, "copy_paste": args.copy_paste}
     out.update(val_every=args.val_every, max_epochs=args.max_epochs, min_size=args.min_size, max_size=args.max_size, ema=args.ema)
-    out.update(backbone=args.backbone or "efficientnet_lite0", recipes={})
+    out.update(backbone=args.backbone or "efficientnet_lite0", anchors=args.anchors, recipes={})
     for recipe in args.recipes.split(","):
         runs = []
         for seed in args.seeds:
@@ -171,6 +171,7 @@ def budget_comparison(args, data: Path, work: Path) -> dict:
                 val_every=args.val_every,
                 copy_paste=args.copy_paste,
                 ema=args.ema,
+                anchors=args.anchors,
                 backbone=args.backbone,
                 min_size=args.min_size,
                 max_size=args.max_size,
@@ -230,6 +231,7 @@ def main() -> None:
     ap.add_argument("--scale-jitter", type=float, help="visiontune's multi-scale training (default: the recipe's)")
     ap.add_argument("--copy-paste", type=float, help="visiontune's copy-paste probability (default: the recipe's)")
     ap.add_argument("--ema", type=float, help="visiontune's weight average, decay per step (default: the recipe's)")
+    ap.add_argument("--anchors", help="visiontune's RPN anchors: fit or fixed (default: the recipe's)")
     ap.add_argument("--backbone", help="--budget: the detector's registry backbone (default: efficientnet_lite0)")
     ap.add_argument("--val-every", type=int, default=1, help="--budget: validate every N epochs (and the first and last)")
     ap.add_argument("--max-epochs", type=int, help="--budget: the most epochs each run trains (default: the recipe's)")
@@ -271,6 +273,7 @@ def main() -> None:
         scale_jitter=args.scale_jitter,
         copy_paste=args.copy_paste,
         ema=args.ema,
+        anchors=args.anchors,
         precision=args.precision,
         seed=args.seed,
         quiet=True,
@@ -292,6 +295,7 @@ def main() -> None:
         "scale_jitter": cfg.scale_jitter,
         "copy_paste": cfg.copy_paste,
         "ema": cfg.ema,
+        "anchors": cfg.anchors,
         "batch_size": cfg.batch_size,
         "lr": cfg.lr,
         "clip_grad": cfg.clip_grad,

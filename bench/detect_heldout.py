@@ -60,13 +60,20 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=10.0, help="minutes per run (--time-budget)")
     ap.add_argument("--recipes", default="default,tutorial")
     ap.add_argument("--seeds", default="0", type=lambda s: [int(x) for x in s.split(",")])
+    ap.add_argument("--anchors", help="RPN anchors: fit or fixed (default: the recipe's)")
     args = ap.parse_args()
     root = Path(args.data)
     work = Path(tempfile.mkdtemp(prefix="vt-bench-heldout-"))
     names = sorted(p.stem for p in (root / "PNGImages").glob("*.png"))
     train_json = coco_split(root, names[args.val_first :], work / "train.json")
     val_json = coco_split(root, names[: args.val_first], work / "val.json")
-    result = {"benchmark": "detect_heldout", "budget_minutes": args.budget, "val_images": args.val_first, "recipes": {}}
+    result = {
+        "benchmark": "detect_heldout",
+        "budget_minutes": args.budget,
+        "val_images": args.val_first,
+        "anchors": args.anchors,
+        "recipes": {},
+    }
     for recipe in args.recipes.split(","):
         runs = []
         for seed in args.seeds:
@@ -81,6 +88,7 @@ def main() -> None:
                 recipe=recipe,
                 epochs=None if recipe == "default" else 1000,  # the tutorial's schedule as long as the budget allows
                 time_budget=args.budget,
+                anchors=args.anchors,
                 seed=seed,
                 quiet=True,
             )

@@ -15,7 +15,9 @@ from visiontune.data.formats import load_splits
 from visiontune.data.instance import DetectionDataset
 from visiontune.engine.loop import fit_epochs_to_budget
 from visiontune.errors import UserError
-from visiontune.models.detection import build_detector
+from visiontune.inference.load import load_detector
+from visiontune.metrics.coco import evaluate_model
+from visiontune.models.detection import build_detector, fit_anchor_ratios
 from visiontune.tasks.detect import epoch_batches, fit, jitter_factors, lr_factor, resolve_settings, set_scales
 
 TINY = dict(min_size=64, max_size=64, quiet=True, backbone_weights="none", seed=0)
@@ -55,6 +57,8 @@ def test_bad_schedule_and_jitter_are_one_line():
         DetectConfig(schedule="linear").validate()
     with pytest.raises(UserError, match=r"--scale-jitter: must be in \[0, 1\), got 1.5"):
         DetectConfig(scale_jitter=1.5).validate()
+    with pytest.raises(UserError, match="--anchors: unknown anchors 'kmeans'; choose fit or fixed"):
+        DetectConfig(anchors="kmeans").validate()
 
 
 def test_recipes_fill_what_is_unset_and_explicit_settings_win():
@@ -66,6 +70,28 @@ def test_recipes_fill_what_is_unset_and_explicit_settings_win():
     assert (mine.epochs, mine.schedule, mine.scale_jitter) == (3, "step", 0.2)  # the previous default: tutorial, 3 epochs
     with pytest.raises(UserError, match="--recipe: unknown recipe 'fast'"):
         DetectConfig(recipe="fast").validate()
+
+
+def test_anchor_shapes_are_the_middles_of_the_thirds_of_the_training_boxes_height_to_width():
+    boxes = [torch.tensor([[0.0, 0.0, 10.0, 30.0]]), torch.tensor([[5.0, 5.0, 15.0, 25.0], [0.0, 0.0, 10.0, 40.0]])]
+    assert fit_anchor_ratios(boxes) == (2.33, 3.0, 3.67)  # heights / widths 3, 2, 4: quantiles 1/6, 1/2, 5/6
+    assert fit_anchor_ratios([]) == fit_anchor_ratios([torch.zeros((0, 4))]) == (0.5, 1.0, 2.0)
+
+
+@pytest.mark.parametrize("recipe, per_octave", [("default", 2), ("tutorial", 1)])
+def test_the_default_recipe_fits_the_anchors_and_the_model_file_rebuilds_them(tmp_path, recipe, per_octave):
+    data = make_pennfudan(tmp_path / "pf", n=5)
+    cfg = DetectConfig(data=str(data), out=str(tmp_path / "run"), recipe=recipe, epochs=1, val_last=2, **TINY)
+    m = fit(cfg)
+    train, val, _ = load_splits(cfg)
+    expected = fit_anchor_ratios([r.boxes for r in train]) if recipe == "default" else (0.5, 1.0, 2.0)
+    assert expected != (0.5, 1.0, 2.0) or recipe == "tutorial"  # the synthetic rectangles are not torchvision's shapes
+    model, meta = load_detector(tmp_path / "run")  # a size mismatch of the RPN head would raise here
+    assert (tuple(meta.anchor_ratios), meta.anchors_per_octave) == (expected, per_octave)
+    generator = model.rpn.anchor_generator
+    assert generator.aspect_ratios[0] == expected and generator.num_anchors_per_location() == [3 * per_octave] * 4
+    again, _ = evaluate_model(model, val, meta.classes, True, torch.device("cpu"))
+    assert again["bbox_AP"] == pytest.approx(m["bbox_AP"], abs=0.02)  # the model trained, not one of other anchors
 
 
 def test_time_budget_lowers_the_epochs_after_the_first_and_saves_them(tmp_path):

@@ -258,8 +258,8 @@ def make_instance_folder(root: Path, n: int) -> Path:
 def test_two_process_detection_evaluates_every_validation_image_once(tmp_path):
     from visiontune.config import DetectConfig, from_dict, load_yaml
     from visiontune.data.formats import load_splits
+    from visiontune.inference.load import load_detector
     from visiontune.metrics.coco import evaluate_model
-    from visiontune.models.detection import build_detector
 
     data, run = make_instance_folder(tmp_path / "pf", 5), tmp_path / "det"
     proc = torchrun(
@@ -296,10 +296,8 @@ def test_two_process_detection_evaluates_every_validation_image_once(tmp_path):
     # by test_distributed_helpers_on_two_processes with perfect predictions.
     cfg = from_dict(DetectConfig, load_yaml(run / "config.yaml"))
     _, val, data_info = load_splits(cfg)
-    weights, meta = ckpt.load_model_file(run / "model.safetensors")
-    model = build_detector(meta["model"], 2, backbone=meta["backbone"], backbone_weights="none", min_size=64, max_size=96)
-    model.load_state_dict(weights)
-    m, _ = evaluate_model(model, val, meta["classes"], False, torch.device("cpu"))  # fasterrcnn: boxes only
+    model, meta = load_detector(run)
+    m, _ = evaluate_model(model, val, meta.classes, False, torch.device("cpu"))  # fasterrcnn: boxes only
     for k in ("bbox_AP", "bbox_AP50"):
         assert entry[k] == pytest.approx(m[k], abs=0.02), (k, entry[k], m[k])
     assert ckpt.load_model_file(run / "last.safetensors")[1]["world_size"] == 2

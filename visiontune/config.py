@@ -19,8 +19,8 @@ CLASSIFY_MONITORS = ("auto", "val_accuracy", "val_balanced_accuracy", "val_mAP",
 DETECT_MONITORS = ("auto", "bbox_AP", "bbox_AP50", "bbox_AP75", "segm_AP", "segm_AP50", "segm_AP75", "train_loss")
 # detection recipes (tasks/detect.py fills what a run leaves unset): "default" measured in bench/detect.py --budget
 DETECT_RECIPES = {
-    "default": {"epochs": 24, "schedule": "cosine", "lr_step": 3, "scale_jitter": 0.3, "copy_paste": 0.0, "ema": 0.0},
-    "tutorial": {"epochs": 10, "schedule": "step", "lr_step": 3, "scale_jitter": 0.0, "copy_paste": 0.0, "ema": 0.0},
+    "default": {"epochs": 24, "schedule": "cosine", "lr_step": 3, "scale_jitter": 0.3, "copy_paste": 0.0, "ema": 0.0, "anchors": "fit"},
+    "tutorial": {"epochs": 10, "schedule": "step", "lr_step": 3, "scale_jitter": 0.0, "copy_paste": 0.0, "ema": 0.0, "anchors": "fixed"},
 }
 TTA = ("none", "flip", "flip+crops")  # test-time augmentation of classify eval/predict (inference/classify.py)
 ENGINES = ("auto", "torch", "onnxruntime", "openvino", "openvino-bf16")  # what runs a frozen forward pass (engine/frozen.py)
@@ -216,6 +216,7 @@ class DetectConfig:
     )
     copy_paste: float | None = setting(None, "chance to paste objects cut from another training image (needs masks; default: the recipe's)")
     ema: float | None = setting(None, "a weight average (decay per step, e.g. 0.995) is validated and kept (0: off; default: the recipe's)")
+    anchors: str | None = setting(None, "RPN anchors: fit (the training boxes' shapes, 2 sizes an octave) or fixed; default: the recipe's")
     clip_grad: float = setting(5.0, "clip the gradient norm to this (0: off); heads that start from scratch need it")
     precision: str = setting(
         "auto",
@@ -258,6 +259,7 @@ class DetectConfig:
         _check_range("--lr-step", self.lr_step, 1, 10_000)
         _check_range("--copy-paste", self.copy_paste, 0.0, 1.0)
         _check_range("--ema", self.ema, 0.0, 0.99999)
+        _check_choice("--anchors", self.anchors or "fit", ("fit", "fixed"))
         if self.scale_jitter is not None and not 0.0 <= self.scale_jitter < 1.0:
             raise UserError(f"--scale-jitter: must be in [0, 1), got {self.scale_jitter}")
         _check_choice("--monitor", self.monitor, DETECT_MONITORS)

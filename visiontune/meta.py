@@ -65,6 +65,8 @@ class DetectorMeta(ModelMeta):
     data_format: str = "pennfudan"
     min_size: int = 320
     max_size: int = 512
+    anchor_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])  # files from before fitted anchors: these
+    anchors_per_octave: int = 1
 
 
 KINDS: dict[str, type[ModelMeta]] = {m.task: m for m in (ClassifierMeta, DetectorMeta)}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 
+import numpy as np
 import torch
 from torch import nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN
@@ -42,6 +43,7 @@ DEFAULT_BACKBONE = "efficientnet_lite0"
 NECKS = ("fpn", "none")
 FEATURE_STRIDES = (8, 16, 32)
 NON_FEATURE_STAGES = ("head", "classifier", "norm")
+FIXED_ANCHOR_RATIOS = (0.5, 1.0, 2.0)  # anchor height / width: torchvision's, the tutorial's
 
 
 def is_mask_model(model: str) -> bool:
@@ -61,17 +63,24 @@ def build_detector(
     max_size: int = 512,
     rois_per_image: int = 512,
     sparse_roi_align: bool = True,
+    anchor_ratios: tuple[float, ...] = FIXED_ANCHOR_RATIOS,
+    anchors_per_octave: int = 1,
 ) -> nn.Module:
     """A detector for ``num_classes`` classes including background. ``weights``/``backbone_weights``: None = pretrained
     (resolved in order), "none" = random init, else a file. ``model.pretrained`` records where weights came from.
     ``rois_per_image``: proposals sampled per image to train the box and mask heads (torchvision's default 512).
-    ``sparse_roi_align``: RoIAlign on the CPU by :mod:`.roi_align` (same numbers, faster); False keeps torchvision's."""
-    detector = _build_detector(model, num_classes, backbone, weights, backbone_weights, neck, trainable_backbone_layers, min_size, max_size)
+    ``sparse_roi_align``: RoIAlign on the CPU by :mod:`.roi_align` (same numbers, faster); False keeps torchvision's.
+    ``anchor_ratios`` (height / width) and ``anchors_per_octave`` shape the RPN anchors of the registry-backbone models
+    (torchvision's COCO models keep the anchors their RPN was trained with)."""
+    anchors = (tuple(anchor_ratios), anchors_per_octave)
+    detector = _build_detector(
+        model, num_classes, backbone, weights, backbone_weights, neck, trainable_backbone_layers, min_size, max_size, anchors
+    )
     detector.roi_heads.fg_bg_sampler.batch_size_per_image = rois_per_image
     return use_sparse_roi_align(detector) if sparse_roi_align else detector
 
 
-def _build_detector(model, num_classes, backbone, weights, backbone_weights, neck, trainable_backbone_layers, min_size, max_size):
+def _build_detector(model, num_classes, backbone, weights, backbone_weights, neck, trainable_backbone_layers, min_size, max_size, anchors):
     if num_classes < 2:
         raise UserError(f"a detector needs at least one object class (got {num_classes - 1})")
     if model in TORCHVISION_MODELS:
@@ -82,7 +91,7 @@ def _build_detector(model, num_classes, backbone, weights, backbone_weights, nec
         if weights not in (None, "none"):
             raise UserError(f"--weights: {model} on a registry backbone has no COCO weights; use --backbone-weights for the backbone")
         return _custom_detector(
-            model, num_classes, backbone or DEFAULT_BACKBONE, backbone_weights, neck, trainable_backbone_layers, min_size, max_size
+            model, num_classes, backbone or DEFAULT_BACKBONE, backbone_weights, neck, trainable_backbone_layers, min_size, max_size, anchors
         )
     raise UserError(f"--model: unknown detection model {model!r}; choose one of {', '.join(CUSTOM_MODELS + TORCHVISION_MODELS)}")
 
@@ -249,23 +258,26 @@ def _custom_detector(
     trainable: int | None,
     min_size: int,
     max_size: int,
+    anchors: tuple[tuple[float, ...], int],
 ) -> nn.Module:
     if neck not in NECKS:
         raise UserError(f"--neck: unknown neck {neck!r}; choose fpn or none")
     bb = build_backbone(backbone, backbone_weights)
     features = StageFeatures(bb, neck, trainable)
     levels = features.level_names
-    if neck == "fpn":  # one anchor size per level, strides 8..64 (the last from LastLevelMaxPool)
-        anchors = AnchorGenerator(((32,), (64,), (128,), (256,)), ((0.5, 1.0, 2.0),) * 4)
-    else:  # the tutorial's single feature map
-        anchors = AnchorGenerator(((32, 64, 128, 256, 512),), ((0.5, 1.0, 2.0),))
+    ratios, per_octave = anchors
+    if neck == "fpn":  # sizes 32..256 (and the octave's steps) on strides 8..64, the last from LastLevelMaxPool
+        sizes = tuple(tuple(s * 2 ** (k / per_octave) for k in range(per_octave)) for s in (32, 64, 128, 256))
+    else:  # the tutorial's single feature map: sizes 32..512
+        sizes = (tuple(32 * 2 ** (k / per_octave) for k in range(4 * per_octave + 1)),)
+    anchor_generator = AnchorGenerator(sizes, (ratios,) * len(sizes))
     kwargs = dict(
         num_classes=num_classes,
         min_size=min_size,
         max_size=max_size,
         image_mean=list(bb.preprocessing.mean),
         image_std=list(bb.preprocessing.std),
-        rpn_anchor_generator=anchors,
+        rpn_anchor_generator=anchor_generator,
         box_roi_pool=MultiScaleRoIAlign(levels, output_size=7, sampling_ratio=2),
     )
     if is_mask_model(model):
@@ -275,6 +287,16 @@ def _custom_detector(
         m = FasterRCNN(features, **kwargs)
     m.pretrained = bb.pretrained
     return m
+
+
+def fit_anchor_ratios(boxes: list[torch.Tensor]) -> tuple[float, ...]:
+    """Three anchor shapes for these (x1, y1, x2, y2) boxes: the height / width ratios at the middles of their
+    thirds (quantiles 1/6, 1/2, 5/6), rounded to 2 decimals; torchvision's (0.5, 1, 2) when there are no boxes."""
+    b = torch.cat([x.reshape(-1, 4) for x in boxes]).double().numpy() if boxes else np.zeros((0, 4))
+    if not len(b):
+        return FIXED_ANCHOR_RATIOS
+    ratios = np.quantile((b[:, 3] - b[:, 1]) / (b[:, 2] - b[:, 0]), (1 / 6, 1 / 2, 5 / 6))
+    return tuple(round(float(r), 2) for r in ratios)
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

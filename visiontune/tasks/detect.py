@@ -25,7 +25,7 @@ from ..errors import UserError
 from ..faults import fault_point
 from ..meta import DetectorMeta
 from ..metrics.coco import coco_metrics, evaluate_model, predict_results
-from ..models.detection import CUSTOM_MODELS, build_detector, is_mask_model, trainable_parameters
+from ..models.detection import CUSTOM_MODELS, FIXED_ANCHOR_RATIOS, build_detector, fit_anchor_ratios, is_mask_model, trainable_parameters
 from ..runs import write_json
 
 log = logging.getLogger("visiontune")
@@ -138,6 +138,8 @@ class DetectTask:
         self.device = device
         self.train_records, self.val_records, self.data = load_splits(cfg)
         model_name = resolve_model_name(cfg.model, self.data.has_masks)
+        fitted = cfg.anchors == "fit" and model_name in CUSTOM_MODELS
+        ratios = fit_anchor_ratios([r.boxes for r in self.train_records]) if fitted else FIXED_ANCHOR_RATIOS
         self.model = build_detector(
             model_name,
             len(self.data.classes) + 1,
@@ -149,6 +151,8 @@ class DetectTask:
             min_size=cfg.min_size,
             max_size=cfg.max_size,
             rois_per_image=cfg.rois_per_image,
+            anchor_ratios=ratios,
+            anchors_per_octave=2 if fitted else 1,
         )
         self.has_masks = self.data.has_masks and is_mask_model(model_name)  # a boxes-only model has no segm AP
         if cfg.copy_paste and not self.data.has_masks:
@@ -167,11 +171,14 @@ class DetectTask:
             data_format=cfg.format,
             min_size=cfg.min_size,
             max_size=cfg.max_size,
+            anchor_ratios=list(ratios),
+            anchors_per_octave=2 if fitted else 1,
         )
         if progress:
             print(
                 f"{model_name}{' on ' + cfg.backbone if cfg.backbone else ''}, {len(self.data.classes)} class(es), "
-                f"{len(self.train_records)} train / {len(self.val_records)} val images, {self.steps_per_epoch} steps per epoch",
+                f"{len(self.train_records)} train / {len(self.val_records)} val images, {self.steps_per_epoch} steps per epoch"
+                + (f", anchors fitted to the training boxes (height / width {', '.join(map(str, ratios))})" if fitted else ""),
                 flush=True,
             )
 
