@@ -140,6 +140,7 @@ class DetectTask:
         model_name = resolve_model_name(cfg.model, self.data.has_masks)
         fitted = cfg.anchors == "fit" and model_name in CUSTOM_MODELS
         ratios = fit_anchor_ratios([r.boxes for r in self.train_records]) if fitted else FIXED_ANCHOR_RATIOS
+        per_octave = 2 if fitted else 1
         self.model = build_detector(
             model_name,
             len(self.data.classes) + 1,
@@ -152,7 +153,7 @@ class DetectTask:
             max_size=cfg.max_size,
             rois_per_image=cfg.rois_per_image,
             anchor_ratios=ratios,
-            anchors_per_octave=2 if fitted else 1,
+            anchors_per_octave=per_octave,
         )
         self.has_masks = self.data.has_masks and is_mask_model(model_name)  # a boxes-only model has no segm AP
         if cfg.copy_paste and not self.data.has_masks:
@@ -172,7 +173,7 @@ class DetectTask:
             min_size=cfg.min_size,
             max_size=cfg.max_size,
             anchor_ratios=list(ratios),
-            anchors_per_octave=2 if fitted else 1,
+            anchors_per_octave=per_octave,
         )
         if progress:
             print(
