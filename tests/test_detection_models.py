@@ -8,7 +8,7 @@ import torchvision
 from safetensors.torch import save_file
 
 from visiontune.errors import UserError
-from visiontune.models.detection import build_detector
+from visiontune.models.detection import build_detector, use_mask_quality_scores
 
 
 def test_predictors_replaced_for_new_class_count_without_size_mismatch(tmp_path):
@@ -67,3 +67,21 @@ def test_registry_backbone_detectors_train_every_head(backbone, neck):
     frozen = [n for n, p in m.backbone.body.named_parameters() if not p.requires_grad]
     assert trained and frozen  # the stages before stride 8 stay fixed
     assert all(p.grad is None for p in m.backbone.body.parameters() if not p.requires_grad)
+
+
+def test_mask_quality_scores_are_box_scores_times_the_mean_kept_mask_probability():
+    m = build_detector("maskrcnn", 2, backbone_weights="none", min_size=64, max_size=64, mask_quality_scores=True).eval()
+    masks = torch.zeros(3, 1, 28, 28)
+    masks[0, 0, :14] = 0.6  # half the mask kept, at 0.6
+    masks[1, 0] = 0.9
+    masks[2, 0] = 0.4  # no pixel above 0.5: no mask at all
+    boxes = torch.arange(12.0).reshape(3, 4)
+    heads_output = {"boxes": boxes, "labels": torch.ones(3, dtype=torch.int64), "scores": torch.tensor([0.9, 0.8, 0.99]), "masks": masks}
+    m.roi_heads.forward = lambda *args: ([dict(heads_output)], {})  # what the box and mask heads found, before the hook
+    (r,), _ = m.roi_heads()
+    assert r["scores"].tolist() == pytest.approx([0.8 * 0.9, 0.9 * 0.6, 0.0])  # highest first
+    assert torch.equal(r["boxes"], boxes[[1, 0, 2]]) and torch.equal(r["masks"], masks[[1, 0, 2]])
+    (r,), _ = use_mask_quality_scores(m, False).roi_heads()
+    assert torch.equal(r["scores"], heads_output["scores"])  # torchvision's: the box classifier's
+    boxes_only = build_detector("fasterrcnn", 2, backbone_weights="none", mask_quality_scores=True)
+    assert not hasattr(boxes_only.roi_heads, "mask_quality_scores")

@@ -68,6 +68,7 @@ def run_dir(images, tmp_path_factory) -> Path:
             "min_size": 128,
             "max_size": 192,
             "pretrained": "none",
+            "mask_quality_scores": True,  # as runs write them: the export traces the rescoring
         },
     )
     return out
