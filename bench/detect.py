@@ -17,9 +17,9 @@
 
 --budget MINUTES (issue 16) trains each recipe of --recipes per seed for that long (train + validation of every
 epoch, as --time-budget counts it) and prints per-epoch and final AP, and their means over the seeds; per-run
-lines go to stderr as they finish. "final_box_scores" is the kept model again, its detections scored by their boxes
-alone (torchvision's scores, as before mask-quality scores). The tutorial recipe there runs as many epochs as fit
-(its StepLR /10 every 3).
+lines go to stderr as they finish. "final_no_box_voting" is the kept model again without box voting, and
+"final_box_scores" without mask-quality scores too (torchvision's boxes and scores, as before both). The tutorial
+recipe there runs as many epochs as fit (its StepLR /10 every 3).
 
 At 3 epochs AP moves by up to 0.08 from one seed to the next (either loop): compare means over several seeds.
 """
@@ -146,16 +146,19 @@ def tta_comparison(run: Path, cfg: DetectConfig, modes=("none", "flip")) -> dict
     return out
 
 
-def box_scores_ap(run: Path, cfg: DetectConfig) -> dict:
-    """The run's kept model on its validation images with torchvision's scores (the box classifier's alone), as
-    detections were scored before mask-quality scores: the A/B of that change on the same weights."""
+def postprocess_ablation(run: Path, cfg: DetectConfig) -> dict:
+    """The run's kept model on its validation images without box voting ("no_box_voting"), then without mask-quality
+    scores too ("box_scores": torchvision's boxes and scores, as before both): each change's A/B on the same weights."""
     from visiontune.inference.load import load_detector
-    from visiontune.models.detection import use_mask_quality_scores
+    from visiontune.models.postprocess import use_box_voting, use_mask_quality_scores
 
     model, _ = load_detector(run, "cpu")
     _, val_records, data = load_splits(cfg)
-    metrics, _ = evaluate_model(use_mask_quality_scores(model, False), val_records, data.classes, data.has_masks, torch.device("cpu"))
-    return {k: round(metrics[k], 4) for k in AP_KEYS}
+    out = {}
+    for name, turn_off in (("no_box_voting", use_box_voting), ("box_scores", use_mask_quality_scores)):  # cumulative
+        metrics, _ = evaluate_model(turn_off(model, False), val_records, data.classes, data.has_masks, torch.device("cpu"))
+        out[name] = {k: round(metrics[k], 4) for k in AP_KEYS}
+    return out
 
 
 EPOCH_KEYS = ("epoch", "train_loss", "loss_mask", *AP_KEYS, "train_seconds", "elapsed_seconds")
@@ -210,10 +213,10 @@ def budget_comparison(args, data: Path, work: Path) -> dict:
             )
             if args.tta:  # the kept model again, with flip TTA (its plain AP is "final")
                 runs[-1]["final_tta_flip"] = tta_comparison(run, cfg, modes=("flip",))["flip"]
-            runs[-1]["final_box_scores"] = box_scores_ap(run, cfg)
+            runs[-1].update({f"final_{k}": v for k, v in postprocess_ablation(run, cfg).items()})
             print(json.dumps({"recipe": recipe, "seed": seed, "epochs": metrics["epochs"], **final}), file=sys.stderr, flush=True)
             shutil.rmtree(run, ignore_errors=True)
-        kinds = ("final", "last", "final_box_scores") + (("final_tta_flip",) if args.tta else ())
+        kinds = ("final", "last", "final_no_box_voting", "final_box_scores") + (("final_tta_flip",) if args.tta else ())
         means = {which: {k: round(sum(r[which][k] for r in runs) / len(runs), 4) for k in AP_KEYS} for which in kinds}
         out["recipes"][recipe] = {"mean": means, "runs": runs}
     return out

@@ -8,7 +8,8 @@ import torchvision
 from safetensors.torch import save_file
 
 from visiontune.errors import UserError
-from visiontune.models.detection import build_detector, use_mask_quality_scores
+from visiontune.models.detection import build_detector
+from visiontune.models.postprocess import use_box_voting, use_mask_quality_scores
 
 
 def test_predictors_replaced_for_new_class_count_without_size_mismatch(tmp_path):
@@ -85,3 +86,17 @@ def test_mask_quality_scores_are_box_scores_times_the_mean_kept_mask_probability
     assert torch.equal(r["scores"], heads_output["scores"])  # torchvision's: the box classifier's
     boxes_only = build_detector("fasterrcnn", 2, backbone_weights="none", mask_quality_scores=True)
     assert not hasattr(boxes_only.roi_heads, "mask_quality_scores")
+
+
+def test_box_voting_moves_each_kept_box_to_the_score_weighted_mean_of_its_close_candidates():
+    m = build_detector("fasterrcnn", 2, backbone_weights="none", min_size=64, max_size=64, box_voting=True).eval()
+    proposals = torch.tensor([[10.0, 10, 50, 90], [12, 10, 52, 90], [30, 10, 70, 90]])  # IoU(0, 1) 0.90, (0, 2) 0.33
+    p = torch.tensor([0.9, 0.6, 0.8])
+    class_logits = torch.stack([torch.zeros(3), (p / (1 - p)).log()], 1)  # softmax: the pedestrian at p
+    args = (class_logits, torch.zeros(3, 8), [proposals], [(100, 100)])  # no regression: candidates are the proposals
+    (boxes,), (scores,), _ = m.roi_heads.postprocess_detections(*args)
+    assert scores.tolist() == pytest.approx([0.9, 0.8])  # NMS dropped the second, kept the scores
+    voted = torch.tensor([[(0.9 * 10 + 0.6 * 12) / 1.5, 10, (0.9 * 50 + 0.6 * 52) / 1.5, 90], [30, 10, 70, 90]])
+    assert torch.allclose(boxes, voted)  # the first moved towards its suppressed neighbour, the second had none
+    (boxes,), _, _ = use_box_voting(m, False).roi_heads.postprocess_detections(*args)
+    assert torch.equal(boxes, proposals[[0, 2]])  # torchvision's

@@ -91,6 +91,7 @@ def test_the_default_recipe_fits_the_anchors_and_the_model_file_rebuilds_them(tm
     generator = model.rpn.anchor_generator
     assert generator.aspect_ratios[0] == expected and generator.num_anchors_per_location() == [3 * per_octave] * 4
     assert meta.mask_quality_scores and model.roi_heads.mask_quality_scores  # scored as it was validated
+    assert meta.box_voting and model.roi_heads.box_voting  # and its boxes voted
     again, _ = evaluate_model(model, val, meta.classes, True, torch.device("cpu"))
     assert again["bbox_AP"] == pytest.approx(m["bbox_AP"], abs=0.02)  # the model trained, not one of other anchors
     assert again["segm_AP"] == pytest.approx(m["segm_AP"], abs=0.02)

@@ -69,6 +69,7 @@ def run_dir(images, tmp_path_factory) -> Path:
             "max_size": 192,
             "pretrained": "none",
             "mask_quality_scores": True,  # as runs write them: the export traces the rescoring
+            "box_voting": True,  # and the box voting
         },
     )
     return out

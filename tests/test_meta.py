@@ -51,7 +51,7 @@ def test_version_1_files_read_as_typed_records():
     d = read_meta(V1_DETECTOR, "model.safetensors")
     assert isinstance(d, DetectorMeta) and d.category_ids == [1] and d.epoch == 3 and d.masks is True
     assert (d.anchor_ratios, d.anchors_per_octave) == ([0.5, 1.0, 2.0], 1)  # the anchors it was trained with
-    assert d.mask_quality_scores is False  # and its scores: the box classifier's
+    assert d.mask_quality_scores is False and d.box_voting is False  # and its scores and boxes: torchvision's
 
 
 @pytest.mark.parametrize("record", [V1_CLASSIFIER, V1_DETECTOR])

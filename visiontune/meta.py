@@ -68,6 +68,7 @@ class DetectorMeta(ModelMeta):
     anchor_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])  # files from before fitted anchors: these
     anchors_per_octave: int = 1
     mask_quality_scores: bool = False  # files from before scored detections by their boxes alone
+    box_voting: bool = False  # and kept torchvision's boxes
 
 
 KINDS: dict[str, type[ModelMeta]] = {m.task: m for m in (ClassifierMeta, DetectorMeta)}

@@ -74,6 +74,7 @@ def load_detector(run_or_file: str | Path, device: str = "cpu") -> tuple[torch.n
         anchor_ratios=tuple(meta.anchor_ratios),
         anchors_per_octave=meta.anchors_per_octave,
         mask_quality_scores=meta.mask_quality_scores,
+        box_voting=meta.box_voting,
     )
     trained_bn = any(k.startswith("backbone.body.") and k.endswith("num_batches_tracked") for k in sd)
     if meta.model not in CUSTOM_MODELS and not trained_bn:  # as trained from COCO weights: frozen BatchNorm in the body

@@ -27,6 +27,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from ..errors import UserError
 from . import weights as W
 from .backbones import Backbone, build_backbone
+from .postprocess import use_box_voting, use_mask_quality_scores
 from .roi_align import use_sparse_roi_align
 
 log = logging.getLogger("visiontune")
@@ -66,49 +67,23 @@ def build_detector(
     anchor_ratios: tuple[float, ...] = FIXED_ANCHOR_RATIOS,
     anchors_per_octave: int = 1,
     mask_quality_scores: bool = False,
+    box_voting: bool = False,
 ) -> nn.Module:
     """A detector for ``num_classes`` classes including background. ``weights``/``backbone_weights``: None = pretrained
     (resolved in order), "none" = random init, else a file. ``model.pretrained`` records where weights came from.
     ``rois_per_image``: proposals sampled per image to train the box and mask heads (torchvision's default 512).
     ``sparse_roi_align``: RoIAlign on the CPU by :mod:`.roi_align` (same numbers, faster); False keeps torchvision's.
     ``anchor_ratios`` (height / width) and ``anchors_per_octave`` shape the RPN anchors of the registry-backbone models
-    (torchvision's COCO models keep the anchors their RPN was trained with). ``mask_quality_scores``: see
-    :func:`use_mask_quality_scores` (False: torchvision's scores, the box classifier's)."""
+    (torchvision's COCO models keep the anchors their RPN was trained with). ``mask_quality_scores`` and
+    ``box_voting``: see :mod:`.postprocess` (False: torchvision's scores and boxes)."""
     anchors = (tuple(anchor_ratios), anchors_per_octave)
     detector = _build_detector(
         model, num_classes, backbone, weights, backbone_weights, neck, trainable_backbone_layers, min_size, max_size, anchors
     )
     detector.roi_heads.fg_bg_sampler.batch_size_per_image = rois_per_image
     use_mask_quality_scores(detector, mask_quality_scores)
+    use_box_voting(detector, box_voting)
     return use_sparse_roi_align(detector) if sparse_roi_align else detector
-
-
-def use_mask_quality_scores(model: nn.Module, on: bool = True) -> nn.Module:
-    """Score each detection of a mask model by its box score times its mask's quality, the mean probability of the
-    pixels its mask keeps (SOLOv2's "maskness", on the mask head's 28 x 28 output), or (``on=False``) by the box
-    score alone. A box the classifier is sure of whose mask the mask head is unsure of then ranks lower, as segm AP
-    wants; the box score bounds the product, so a score threshold keeps no more than before."""
-    heads = model.roi_heads
-    if getattr(heads, "mask_predictor", None) is None:
-        return model
-    if not hasattr(heads, "mask_quality_scores"):
-        heads.register_forward_hook(_rescore_by_mask_quality)
-    heads.mask_quality_scores = on
-    return model
-
-
-def _rescore_by_mask_quality(heads: nn.Module, inputs, output):
-    results, losses = output
-    if heads.training or not heads.mask_quality_scores:
-        return None
-    rescored = []
-    for r in results:
-        probs = r["masks"].flatten(1)
-        kept = probs > 0.5
-        quality = (probs * kept).sum(1) / kept.sum(1).clamp(min=1)
-        scores, order = (r["scores"] * quality).sort(descending=True)
-        rescored.append({**{k: v[order] for k, v in r.items()}, "scores": scores})
-    return rescored, losses
 
 
 def _build_detector(model, num_classes, backbone, weights, backbone_weights, neck, trainable_backbone_layers, min_size, max_size, anchors):

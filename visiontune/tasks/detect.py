@@ -156,6 +156,7 @@ class DetectTask:
             anchor_ratios=ratios,
             anchors_per_octave=per_octave,
             mask_quality_scores=self.has_masks,
+            box_voting=True,
         )
         if cfg.copy_paste and not self.data.has_masks:
             log.info("--copy-paste: the annotations have no masks to cut objects by; training without it")
@@ -176,6 +177,7 @@ class DetectTask:
             anchor_ratios=list(ratios),
             anchors_per_octave=per_octave,
             mask_quality_scores=self.has_masks,
+            box_voting=True,
         )
         if progress:
             print(
