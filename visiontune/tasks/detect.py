@@ -142,6 +142,7 @@ class DetectTask:
         ratios = fit_anchor_ratios([r.boxes for r in self.train_records]) if fitted else FIXED_ANCHOR_RATIOS
         per_octave = 2 if fitted else 1
         self.has_masks = self.data.has_masks and is_mask_model(model_name)  # a boxes-only model has no segm AP
+        postprocess = dict(mask_quality_scores=self.has_masks, box_voting=True)  # the model's, and its file's
         self.model = build_detector(
             model_name,
             len(self.data.classes) + 1,
@@ -155,8 +156,7 @@ class DetectTask:
             rois_per_image=cfg.rois_per_image,
             anchor_ratios=ratios,
             anchors_per_octave=per_octave,
-            mask_quality_scores=self.has_masks,
-            box_voting=True,
+            **postprocess,
         )
         if cfg.copy_paste and not self.data.has_masks:
             log.info("--copy-paste: the annotations have no masks to cut objects by; training without it")
@@ -176,8 +176,7 @@ class DetectTask:
             max_size=cfg.max_size,
             anchor_ratios=list(ratios),
             anchors_per_octave=per_octave,
-            mask_quality_scores=self.has_masks,
-            box_voting=True,
+            **postprocess,
         )
         if progress:
             print(
